@@ -1,0 +1,72 @@
+"""Every developer task: `nox -s tests | lint | typecheck | serve | bench`.
+
+On a fresh machine with only Python 3.11+, `python3 dev.py -s <session>`
+installs nox into .venv-nox/ and runs it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nox
+
+nox.options.default_venv_backend = "venv"
+nox.options.reuse_existing_virtualenvs = True
+nox.options.sessions = ["lint", "typecheck", "tests"]
+
+ROOT = Path(__file__).parent
+# Install order matters only for readability: the core first, then plugins.
+CORE = "packages/innova-server"
+PLUGINS = ["packages/innova-provider-echo"]
+TEST_DEPS = [
+    "pytest>=8",
+    "pytest-asyncio>=0.24",
+    "httpx>=0.27",
+    "httpx-sse>=0.4",
+    "aiosmtpd>=1.4",
+    "trustme>=1.1",
+    "respx>=0.21",
+]
+
+
+def install_workspace(session: nox.Session, *extras: str) -> None:
+    extra = f"[{','.join(extras)}]" if extras else ""
+    session.install("-e", f"{CORE}{extra}", *[arg for p in PLUGINS for arg in ("-e", p)])
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """All tests of every package, against a real SecantusDB (or TEST_MONGO_URI)."""
+    install_workspace(session, "embedded", "production")
+    session.install(*TEST_DEPS)
+    session.run("pytest", *session.posargs)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    session.install("ruff>=0.6")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", "--diff", "packages", "noxfile.py", "benchmarks", success_codes=[0, 1])
+
+
+@nox.session
+def typecheck(session: nox.Session) -> None:
+    install_workspace(session)
+    session.install("mypy>=1.10", *TEST_DEPS)
+    session.run("mypy")
+
+
+@nox.session
+def serve(session: nox.Session) -> None:
+    """Development server: embedded database, echo provider, console mailer."""
+    install_workspace(session, "embedded")
+    session.env.setdefault("COOKIE_SECURE", "false")
+    session.run("innova", "serve", *session.posargs)
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Benchmarks; figures go to benchmarks/results/ and stdout."""
+    install_workspace(session, "embedded", "production")
+    session.install("httpx>=0.27", "httpx-sse>=0.4", "psutil>=5.9")
+    session.run("python", "benchmarks/run.py", *session.posargs)

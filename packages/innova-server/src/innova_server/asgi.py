@@ -1,0 +1,22 @@
+"""`innova_server.asgi:app` — the object gunicorn and uvicorn serve in production.
+
+A configuration problem prints one line per problem on stderr and exits with
+status 3, which gunicorn treats as "worker failed to boot" and stops instead
+of respawning forever.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from innova_server.app import create_app
+from innova_server.logconfig import configure_logging
+from innova_server.settings import ConfigError
+
+try:
+    configure_logging()
+    app = create_app()
+except ConfigError as error:
+    for line in error.lines:
+        print(f"innova: configuration error: {line}", file=sys.stderr)
+    sys.exit(3)

@@ -1,0 +1,36 @@
+"""FastAPI dependencies shared by every router that needs a user."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from innova_server.auth.cookies import read_session_cookie
+from innova_server.auth.manager import ClientInfo
+from innova_server.auth.store import UserRecord
+from innova_server.netutil import client_ip
+from innova_server.services import Services
+
+
+def get_services(request: Request) -> Services:
+    services: Services = request.app.state.services
+    return services
+
+
+ServicesDep = Annotated[Services, Depends(get_services)]
+
+
+def get_client(request: Request, services: ServicesDep) -> ClientInfo:
+    return ClientInfo(
+        ip=client_ip(request, services.settings.trusted_proxies),
+        user_agent=request.headers.get("user-agent"),
+    )
+
+
+async def get_current_user(request: Request, services: ServicesDep) -> UserRecord:
+    return await services.auth.current_user(read_session_cookie(request))
+
+
+ClientDep = Annotated[ClientInfo, Depends(get_client)]
+CurrentUser = Annotated[UserRecord, Depends(get_current_user)]

@@ -1,0 +1,103 @@
+"""Account and session logic; the routers only translate HTTP to these calls."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import timedelta
+
+from innova_server import metrics
+from innova_server.auth.passwords import Passwords
+from innova_server.auth.store import EmailTaken, SessionStore, UserRecord, UserStore
+from innova_server.auth.tokens import hash_token, is_well_formed, new_token
+from innova_server.errors import AppError, ErrorCode
+from innova_server.ratelimit import RateLimiter, limit_key
+from innova_server.settings import Settings
+
+log = logging.getLogger("innova.auth")
+
+
+@dataclass(frozen=True)
+class ClientInfo:
+    ip: str
+    user_agent: str | None
+
+
+@dataclass(frozen=True)
+class NewSession:
+    user: UserRecord
+    token: str
+
+
+class AuthManager:
+    def __init__(
+        self,
+        settings: Settings,
+        users: UserStore,
+        sessions: SessionStore,
+        passwords: Passwords,
+        limiter: RateLimiter,
+    ) -> None:
+        self.settings = settings
+        self.users = users
+        self.sessions = sessions
+        self.passwords = passwords
+        self.limiter = limiter
+
+    @property
+    def session_ttl(self) -> timedelta:
+        return timedelta(days=self.settings.session_ttl_days)
+
+    async def _open_session(self, user: UserRecord, client: ClientInfo) -> NewSession:
+        token = new_token()
+        await self.sessions.create(
+            hash_token(token), user.id, ttl=self.session_ttl, ip=client.ip, user_agent=client.user_agent
+        )
+        return NewSession(user, token)
+
+    async def register(self, email: str, password: str, name: str | None, client: ClientInfo) -> NewSession:
+        await self.limiter.consume("register_ip", limit_key("register:ip", client.ip), self.settings.rate_limit_register_ip)
+        # Hash before touching the database: the unique index, not a lookup,
+        # decides between two concurrent registrations of one address.
+        password_hash = await self.passwords.hash(password)
+        try:
+            user = await self.users.create(email, name, password_hash)
+        except EmailTaken:
+            raise AppError(ErrorCode.EMAIL_TAKEN) from None
+        log.info("account created user_id=%s", user.id)
+        return await self._open_session(user, client)
+
+    async def login(self, email: str, password: str, client: ClientInfo, current_token: str | None) -> NewSession:
+        # Reserve one failure in each window first; a success gives it back.
+        by_email = await self.limiter.consume(
+            "login_email", limit_key("login:email", email), self.settings.rate_limit_login_email
+        )
+        by_ip = await self.limiter.consume("login_ip", limit_key("login:ip", client.ip), self.settings.rate_limit_login_ip)
+        user = await self.users.by_email(email)
+        checked = await self.passwords.verify(user.password_hash if user else None, password)
+        if user is None or not checked.ok:
+            metrics.LOGIN_FAILURES.inc()
+            raise AppError(ErrorCode.INVALID_CREDENTIALS)
+        await self.limiter.refund(by_email)
+        await self.limiter.refund(by_ip)
+        if checked.needs_rehash:
+            await self.users.set_password_hash(user.id, await self.passwords.hash(password))
+            log.info("password hash upgraded user_id=%s", user.id)
+        if is_well_formed(current_token):
+            assert current_token is not None
+            await self.sessions.delete(hash_token(current_token))  # rotation
+        return await self._open_session(user, client)
+
+    async def logout(self, token: str | None) -> None:
+        if is_well_formed(token):
+            assert token is not None
+            await self.sessions.delete(hash_token(token))
+
+    async def current_user(self, token: str | None) -> UserRecord:
+        if not is_well_formed(token):
+            raise AppError(ErrorCode.NOT_AUTHENTICATED)
+        assert token is not None
+        user = await self.sessions.user_for(hash_token(token))
+        if user is None:
+            raise AppError(ErrorCode.NOT_AUTHENTICATED)
+        return user

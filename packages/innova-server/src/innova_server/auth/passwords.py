@@ -1,0 +1,52 @@
+"""argon2id hashing, always off the event loop.
+
+A hash takes tens of milliseconds of CPU and 64 MiB of memory on purpose;
+run on the loop it would stall every other request, so both directions go
+through a worker thread (argon2-cffi releases the GIL while it works).
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+
+import anyio.to_thread
+from argon2 import PasswordHasher, Type
+from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
+
+MAX_PASSWORD_CHARS = 128
+
+
+@dataclass(frozen=True)
+class Verification:
+    ok: bool
+    needs_rehash: bool = False
+
+
+class Passwords:
+    def __init__(self, *, time_cost: int, memory_cost: int, parallelism: int) -> None:
+        self._hasher = PasswordHasher(
+            time_cost=time_cost, memory_cost=memory_cost, parallelism=parallelism, type=Type.ID
+        )
+        # Verified instead of a real hash when the email is unknown, so that
+        # both failures cost the same time.
+        self._dummy_hash = self._hasher.hash(secrets.token_urlsafe(16))
+
+    async def hash(self, password: str) -> str:
+        return await anyio.to_thread.run_sync(self._hasher.hash, password)
+
+    async def verify(self, password_hash: str | None, password: str) -> Verification:
+        """Check a password; with `password_hash=None` burn the same time and fail."""
+        if len(password) > MAX_PASSWORD_CHARS:  # never spend argon2 on oversized input
+            return Verification(False)
+        target = password_hash or self._dummy_hash
+        ok = await anyio.to_thread.run_sync(self._check, target, password)
+        if not ok or password_hash is None:
+            return Verification(False)
+        return Verification(True, self._hasher.check_needs_rehash(password_hash))
+
+    def _check(self, password_hash: str, password: str) -> bool:
+        try:
+            return self._hasher.verify(password_hash, password)
+        except (VerifyMismatchError, VerificationError, InvalidHashError):
+            return False

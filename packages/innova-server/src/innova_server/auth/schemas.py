@@ -1,0 +1,56 @@
+"""Request and response bodies of the auth API."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, EmailStr, Field, StringConstraints
+
+from innova_server.auth.passwords import MAX_PASSWORD_CHARS
+
+
+def _normalise_email(value: object) -> object:
+    if not isinstance(value, str):
+        return value
+    if len(value) > 320:  # refuse before the (costlier) address parser sees it
+        raise ValueError("email address is too long")
+    return value.strip().lower()
+
+
+# Trimmed and lower-cased before validation, so " Ada@Example.COM " is ada@example.com.
+Email = Annotated[EmailStr, BeforeValidator(_normalise_email)]
+Password = Annotated[str, Field(min_length=8, max_length=MAX_PASSWORD_CHARS)]
+# Login accepts any stored password; the bound only keeps argon2 off huge input.
+LoginPassword = Annotated[str, Field(min_length=1, max_length=MAX_PASSWORD_CHARS)]
+Name = Annotated[str, StringConstraints(strip_whitespace=True, max_length=100)]
+
+
+class Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", str_max_length=10_000)
+
+
+class RegisterIn(Body):
+    email: Email
+    password: Password
+    name: Name | None = None
+
+
+class LoginIn(Body):
+    email: Email
+    password: LoginPassword
+
+
+class UserOut(BaseModel):
+    id: str
+    email: str
+    name: str | None
+    created_at: datetime
+
+
+class UserEnvelope(BaseModel):
+    user: UserOut
+
+
+class DetailOut(BaseModel):
+    detail: str

@@ -1,0 +1,146 @@
+"""The chat provider interface: what a provider plugin implements.
+
+A provider only produces text. The core does everything else: history,
+persistence, SSE framing, pings, rate limits, metrics.
+
+Cancellation is closing the iterator (`await stream.aclose()`, which the core
+does when the client goes away): the provider must then stop its work — close
+its HTTP stream, or stop the model between two tokens. Blocking work (a local
+model) runs in a thread, never on the event loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Literal, Protocol, runtime_checkable
+
+Role = Literal["system", "user", "assistant"]
+FinishReason = Literal["stop", "length", "error", "cancelled"]
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    role: Role
+    content: str
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    messages: list[ChatMessage]
+    model: str
+    max_tokens: int = 512
+    temperature: float = 0.7
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class ChatChunk:
+    """A piece of the reply. The last chunk may carry only `finish_reason`/`usage`."""
+
+    text: str = ""
+    finish_reason: FinishReason | None = None
+    usage: Usage | None = None
+
+
+@runtime_checkable
+class ChatProvider(Protocol):
+    def stream(self, request: ChatRequest) -> AsyncIterator[ChatChunk]:
+        """An async generator of chunks; raises only `ProviderError` subclasses."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release clients, threads, models. Safe to call twice."""
+        ...
+
+
+# -- errors ---------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class ProviderError(Exception):
+    """Base of every error a provider may raise; `code` is the API error code."""
+
+    message: str = "The chat model failed."
+    retryable: bool = False
+    code: str = field(default="provider_unavailable", init=False)
+
+    def __post_init__(self) -> None:
+        Exception.__init__(self, self.message)
+
+
+@dataclass(eq=False)
+class ProviderAuthError(ProviderError):
+    """The provider refused our credentials (HTTP 401/403)."""
+
+    message: str = "The chat model provider refused our credentials."
+    code: str = field(default="provider_auth", init=False)
+
+
+@dataclass(eq=False)
+class ProviderRateLimited(ProviderError):
+    """The provider asked us to slow down (HTTP 429); `retry_after` in seconds if known."""
+
+    message: str = "The chat model provider is rate limiting us."
+    retryable: bool = True
+    retry_after: float | None = None
+    code: str = field(default="provider_rate_limited", init=False)
+
+
+@dataclass(eq=False)
+class ContextTooLong(ProviderError):
+    """The conversation does not fit the model's context window."""
+
+    message: str = "The conversation is too long for the model."
+    code: str = field(default="context_too_long", init=False)
+
+
+@dataclass(eq=False)
+class ProviderTimeout(ProviderError):
+    """No answer (or no next token) in the configured time."""
+
+    message: str = "The chat model did not answer in time."
+    retryable: bool = True
+    code: str = field(default="provider_timeout", init=False)
+
+
+@dataclass(eq=False)
+class ProviderUnavailable(ProviderError):
+    """Server errors, refused connections, a model that failed to load."""
+
+    message: str = "The chat model is unavailable."
+    retryable: bool = True
+    code: str = field(default="provider_unavailable", init=False)
+
+
+@dataclass(eq=False)
+class ProviderBusy(ProviderError):
+    """Too many requests queued for a single-slot model; `retry_after` in seconds."""
+
+    message: str = "The chat model is busy."
+    retryable: bool = True
+    retry_after: float | None = None
+    code: str = field(default="provider_busy", init=False)
+
+
+__all__ = [
+    "ChatChunk",
+    "ChatMessage",
+    "ChatProvider",
+    "ChatRequest",
+    "ContextTooLong",
+    "FinishReason",
+    "ProviderAuthError",
+    "ProviderBusy",
+    "ProviderError",
+    "ProviderRateLimited",
+    "ProviderTimeout",
+    "ProviderUnavailable",
+    "Role",
+    "Usage",
+]

@@ -1,0 +1,243 @@
+"""The `innova` command: serve, check, db init, plugins.
+
+Configuration errors are printed one per line, without a traceback, and the
+command exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import sys
+from collections.abc import Sequence
+
+from innova_server import __version__
+from innova_server.settings import ConfigError, Settings, load_settings
+
+EXIT_CONFIG = 2
+
+
+def _fail(lines: Sequence[str]) -> int:
+    for line in lines:
+        print(f"innova: {line}", file=sys.stderr)
+    return EXIT_CONFIG
+
+
+# -- serve ------------------------------------------------------------------
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from innova_server.embedded import EmbeddedDatabaseError, EmbeddedMongo, default_storage
+    from innova_server.logconfig import configure_logging
+
+    settings = load_settings()
+    problems = settings.problems()
+    if problems:
+        return _fail(problems)
+    embedded: EmbeddedMongo | None = None
+    if not settings.mongo_uri_value:
+        storage = default_storage(settings.innova_data_dir)
+        print(f"innova: starting the embedded database (SecantusDB); data in {storage}", file=sys.stderr)
+        try:
+            embedded = EmbeddedMongo(storage).start()
+        except EmbeddedDatabaseError as exc:
+            return _fail([str(exc)])
+        # Through the environment, so that --reload's child process sees it too.
+        os.environ["MONGO_URI"] = embedded.uri
+        print(f"innova: embedded database listening on {embedded.uri}", file=sys.stderr)
+    # uvicorn re-raises SIGTERM after its graceful shutdown; make that an
+    # exception, so the `finally` below still stops the database.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    host = args.host or settings.host
+    port = args.port or settings.port
+    configure_logging(settings.log_level)
+    try:
+        if args.reload:
+            uvicorn.run(
+                "innova_server.app:create_app", factory=True, host=host, port=port, reload=True,
+                proxy_headers=False, log_level=settings.log_level,
+            )
+        else:
+            from innova_server.app import create_app
+
+            try:
+                app = create_app(load_settings())
+            except ConfigError as error:
+                return _fail(error.lines)
+            # Client addresses are resolved by the app itself (TRUSTED_PROXIES).
+            uvicorn.run(app, host=host, port=port, proxy_headers=False, log_level=settings.log_level)
+    finally:
+        if embedded is not None:
+            print("innova: stopping the embedded database", file=sys.stderr)
+            embedded.stop()
+    return 0
+
+
+# -- check ------------------------------------------------------------------
+
+
+def _masked(settings: Settings) -> dict[str, object]:
+    shown = settings.model_dump(mode="json")
+    for key, value in list(shown.items()):
+        if value and (key.endswith(("_pass", "_token", "_key")) or key == "mongo_uri"):
+            shown[key] = "********"
+    uri = settings.mongo_uri_value
+    if uri:
+        from pymongo.uri_parser import parse_uri
+
+        try:
+            nodes = parse_uri(uri)["nodelist"]
+            shown["mongo_uri"] = "mongodb://****@" + ",".join(f"{h}:{p}" for h, p in nodes)
+        except Exception:
+            shown["mongo_uri"] = "(unparsable)"
+    return shown
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from innova_server.db import Database
+    from innova_server.plugins import PluginRegistry
+
+    try:
+        settings = load_settings()
+    except ConfigError as error:
+        return _fail(error.lines)
+    lines = list(settings.problems())
+    if args.verbose:
+        for key, value in _masked(settings).items():
+            print(f"  {key} = {value}")
+    registry = PluginRegistry.load(settings)
+    for name, error in registry.errors.items():
+        print(f"warning: plugin {name} failed to load: {error}")
+    try:
+        entry = registry.provider_entry(settings.provider)
+        model = registry.resolve_model(entry, settings.chat_model)
+        print(f"ok: provider {entry.name} (model {model}, plugin {entry.plugin})")
+    except ConfigError as error:
+        lines.extend(error.lines)
+    try:
+        registry.mailer_entry(settings.mailer or "console")
+        print(f"ok: mailer {settings.mailer}")
+    except ConfigError as error:
+        lines.extend(error.lines)
+    uri = settings.mongo_uri_value
+    if uri:
+        async def ping() -> bool:
+            db = Database(uri, settings.db_name, timeout_ms=2000)
+            try:
+                return await db.ping(timeout=3.0)
+            finally:
+                await db.close()
+
+        if asyncio.run(ping()):
+            print(f"ok: MongoDB answers (database {settings.db_name})")
+        else:
+            lines.append(
+                "MongoDB does not answer within 3 s: check MONGO_URI (host, port, credentials, authSource) "
+                "and that the server runs (see deploy/README.md)."
+            )
+    elif settings.env != "production":
+        print("ok: no MONGO_URI; `innova serve` will start the embedded database")
+    for line in lines:
+        print(f"error: {line}")
+    print("configuration OK" if not lines else f"{len(lines)} problem(s)")
+    return 0 if not lines else 1
+
+
+# -- db init -----------------------------------------------------------------
+
+
+def cmd_db_init(args: argparse.Namespace) -> int:
+    from innova_server.db import Database
+
+    settings = load_settings()
+    uri = settings.mongo_uri_value
+    if not uri:
+        return _fail(["MONGO_URI is not set."])
+
+    async def run() -> None:
+        db = Database(uri, settings.db_name, timeout_ms=settings.mongo_timeout_ms)
+        try:
+            await db.ensure_indexes()
+        finally:
+            await db.close()
+
+    asyncio.run(run())
+    print(f"indexes created in {settings.db_name}")
+    return 0
+
+
+# -- plugins -----------------------------------------------------------------
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    from innova_server.plugins import PluginRegistry
+
+    registry = PluginRegistry.load(load_settings())
+    infos = registry.infos()
+    if args.json:
+        print(json.dumps([info.as_dict() for info in infos], indent=2))
+        return 0
+    if not infos:
+        print("no plugins installed")
+    for info in infos:
+        print(f"{info.name} {info.version or ''}".rstrip())
+        if info.providers:
+            print(f"  providers: {', '.join(info.providers)}")
+        if info.mailers:
+            print(f"  mailers: {', '.join(info.mailers)}")
+        if info.error:
+            print(f"  error: {info.error}")
+    return 0
+
+
+# -- entry point ---------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="innova", description="INNOVAPLUS backend.")
+    parser.add_argument("--version", action="version", version=f"innova {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the server (embedded database in development)")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--reload", action="store_true", help="restart on code changes (development)")
+    serve.set_defaults(handler=cmd_serve)
+
+    check = commands.add_parser("check", help="validate the configuration and ping MongoDB")
+    check.add_argument("-v", "--verbose", action="store_true", help="print the settings (secrets masked)")
+    check.set_defaults(handler=cmd_check)
+
+    db = commands.add_parser("db", help="database tasks")
+    db_commands = db.add_subparsers(dest="db_command", required=True)
+    db_commands.add_parser("init", help="create the indexes").set_defaults(handler=cmd_db_init)
+
+    plugins = commands.add_parser("plugins", help="list installed plugins")
+    plugins.add_argument("--json", action="store_true")
+    plugins.set_defaults(handler=cmd_plugins)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.handler(args)
+    except ConfigError as error:
+        return _fail(error.lines)
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,124 @@
+"""MongoDB access: one `AsyncMongoClient` per process, the collections, their indexes.
+
+PyMongo's async client is the official successor of Motor (deprecated). Every
+datetime read back is timezone-aware (`tz_aware=True`), and every round trip to
+the server is counted (`innova_mongo_commands_total`), which is how the
+benchmark measures database round trips per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pymongo
+from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, IndexModel
+from pymongo.asynchronous.collection import AsyncCollection
+from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import PyMongoError
+from pymongo.monitoring import CommandFailedEvent, CommandListener, CommandStartedEvent, CommandSucceededEvent
+
+from innova_server import metrics
+
+Document = dict[str, Any]
+
+INDEXES: dict[str, list[IndexModel]] = {
+    "users": [IndexModel([("email", ASCENDING)], unique=True, name="email_unique")],
+    "sessions": [
+        IndexModel([("token_hash", ASCENDING)], unique=True, name="token_hash_unique"),
+        IndexModel([("expires_at", ASCENDING)], expireAfterSeconds=0, name="expires_at_ttl"),
+        IndexModel([("user_id", ASCENDING)], name="user_id"),
+    ],
+    "password_reset_tokens": [
+        IndexModel([("token_hash", ASCENDING)], unique=True, name="token_hash_unique"),
+        IndexModel([("expires_at", ASCENDING)], expireAfterSeconds=0, name="expires_at_ttl"),
+        IndexModel([("user_id", ASCENDING)], name="user_id"),
+    ],
+    "conversations": [
+        IndexModel(
+            [("user_id", ASCENDING), ("archived", ASCENDING), ("updated_at", DESCENDING), ("_id", DESCENDING)],
+            name="user_archived_updated",
+        ),
+    ],
+    "messages": [
+        IndexModel([("conversation_id", ASCENDING), ("created_at", ASCENDING), ("_id", ASCENDING)], name="conversation_created"),
+    ],
+    "rate_limits": [
+        IndexModel([("key", ASCENDING), ("window_start", ASCENDING)], unique=True, name="key_window_unique"),
+        IndexModel([("expires_at", ASCENDING)], expireAfterSeconds=0, name="expires_at_ttl"),
+    ],
+}
+
+
+class _CommandCounter(CommandListener):
+    """Counts every command sent to the server, by name (and failures)."""
+
+    def started(self, event: CommandStartedEvent) -> None:
+        metrics.MONGO_COMMANDS.labels(event.command_name).inc()
+
+    def succeeded(self, event: CommandSucceededEvent) -> None:
+        pass
+
+    def failed(self, event: CommandFailedEvent) -> None:
+        metrics.MONGO_COMMAND_FAILURES.labels(event.command_name).inc()
+
+
+class Database:
+    """The process's MongoDB connection and the application's collections."""
+
+    def __init__(self, uri: str, name: str, *, timeout_ms: int = 5000) -> None:
+        self.client: AsyncMongoClient[Document] = AsyncMongoClient(
+            uri,
+            tz_aware=True,
+            serverSelectionTimeoutMS=timeout_ms,
+            connectTimeoutMS=timeout_ms,
+            event_listeners=[_CommandCounter()],
+            appname="innova",
+        )
+        self.db: AsyncDatabase[Document] = self.client[name]
+
+    @property
+    def users(self) -> AsyncCollection[Document]:
+        return self.db["users"]
+
+    @property
+    def sessions(self) -> AsyncCollection[Document]:
+        return self.db["sessions"]
+
+    @property
+    def password_reset_tokens(self) -> AsyncCollection[Document]:
+        return self.db["password_reset_tokens"]
+
+    @property
+    def conversations(self) -> AsyncCollection[Document]:
+        return self.db["conversations"]
+
+    @property
+    def messages(self) -> AsyncCollection[Document]:
+        return self.db["messages"]
+
+    @property
+    def rate_limits(self) -> AsyncCollection[Document]:
+        return self.db["rate_limits"]
+
+    async def ensure_indexes(self) -> None:
+        """Create every index of DESIGN §4; idempotent (same names, same options)."""
+        for collection, models in INDEXES.items():
+            await self.db[collection].create_indexes(models)
+
+    async def ping(self, timeout: float = 2.0) -> bool:
+        """True when the server answers a ping within `timeout` seconds; never raises."""
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(timeout):
+                with pymongo.timeout(timeout):
+                    await self.client.admin.command("ping")
+        except (PyMongoError, TimeoutError):
+            return False
+        finally:
+            metrics.MONGO_PING_SECONDS.observe(time.monotonic() - started)
+        return True
+
+    async def close(self) -> None:
+        await self.client.close()

@@ -1,0 +1,53 @@
+"""Who is the client: the peer, or what a trusted proxy says in `X-Forwarded-For`."""
+
+from __future__ import annotations
+
+import ipaddress
+from functools import lru_cache
+
+from starlette.requests import HTTPConnection
+
+
+@lru_cache(maxsize=64)
+def _networks(trusted: tuple[str, ...]) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    return tuple(ipaddress.ip_network(item, strict=False) for item in trusted)
+
+
+def _parse(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(address.strip().strip("[]"))
+    except ValueError:
+        return None
+
+
+def _is_trusted(address: str, networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]) -> bool:
+    ip = _parse(address)
+    return ip is not None and any(ip in network for network in networks)
+
+
+def client_ip(connection: HTTPConnection, trusted_proxies: list[str]) -> str:
+    """The client address as the rate limits and `/metrics` see it.
+
+    `X-Forwarded-For` is believed only when the peer is a trusted proxy, and
+    then read from the right, skipping further trusted hops (the left-most
+    entries are whatever the client chose to send).
+    """
+    peer = connection.client.host if connection.client else ""
+    networks = _networks(tuple(trusted_proxies))
+    if not _is_trusted(peer, networks):
+        return peer
+    forwarded = connection.headers.get("x-forwarded-for")
+    if not forwarded:
+        return peer
+    hops = [hop.strip() for hop in forwarded.split(",") if hop.strip()]
+    for hop in reversed(hops):
+        if _parse(hop) is None:
+            return peer
+        if not _is_trusted(hop, networks):
+            return hop
+    return hops[0] if hops else peer
+
+
+def is_loopback(address: str) -> bool:
+    ip = _parse(address)
+    return ip is not None and ip.is_loopback

@@ -1,0 +1,49 @@
+"""The per-process service graph, built once in the app's lifespan."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from innova_server.auth.manager import AuthManager
+from innova_server.auth.passwords import Passwords
+from innova_server.auth.store import SessionStore, UserStore
+from innova_server.chat import ChatProvider
+from innova_server.db import Database
+from innova_server.mail import Mailer
+from innova_server.plugins import PluginRegistry, ProviderEntry
+from innova_server.ratelimit import RateLimiter
+from innova_server.settings import Settings
+
+
+@dataclass
+class Services:
+    settings: Settings
+    db: Database
+    limiter: RateLimiter
+    auth: AuthManager
+    plugins: PluginRegistry
+    provider_entry: ProviderEntry
+    model: str
+    provider: ChatProvider
+    mailer: Mailer
+
+    async def aclose(self) -> None:
+        try:
+            await self.provider.aclose()
+        finally:
+            await self.db.close()
+
+
+def build_services(settings: Settings, plugins: PluginRegistry, mongo_uri: str) -> Services:
+    """Wire everything; raises `ConfigError` when a selected plugin cannot be built."""
+    provider_entry, model, provider = plugins.build_provider(settings)
+    mailer = plugins.build_mailer(settings)
+    db = Database(mongo_uri, settings.db_name, timeout_ms=settings.mongo_timeout_ms)
+    limiter = RateLimiter(db)
+    passwords = Passwords(
+        time_cost=settings.argon2_time_cost,
+        memory_cost=settings.argon2_memory_cost,
+        parallelism=settings.argon2_parallelism,
+    )
+    auth = AuthManager(settings, UserStore(db), SessionStore(db), passwords, limiter)
+    return Services(settings, db, limiter, auth, plugins, provider_entry, model, provider, mailer)
