@@ -16,7 +16,9 @@ from innova_server.auth.tokens import hash_token
 PASSWORD = "correct horse battery"
 
 
-def register(client: httpx.Client, email: str = "ada@example.com", password: str = PASSWORD, **extra: object) -> httpx.Response:
+def register(
+    client: httpx.Client, email: str = "ada@example.com", password: str = PASSWORD, **extra: object
+) -> httpx.Response:
     return client.post("/auth/register", json={"email": email, "password": password, **extra})
 
 
@@ -82,7 +84,10 @@ def test_duplicate_email_is_409_case_insensitive(server):
 async def test_concurrent_registrations_of_one_address_give_exactly_one_201(server, db):
     async with httpx.AsyncClient(base_url=server.url) as client:
         responses = await asyncio.gather(
-            *[client.post("/auth/register", json={"email": "race@example.com", "password": PASSWORD}) for _ in range(20)]
+            *[
+                client.post("/auth/register", json={"email": "race@example.com", "password": PASSWORD})
+                for _ in range(20)
+            ]
         )
     codes = sorted(r.status_code for r in responses)
     assert codes == [201] + [409] * 19

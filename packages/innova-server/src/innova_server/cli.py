@@ -116,8 +116,8 @@ def cmd_check(args: argparse.Namespace) -> int:
         for key, value in _masked(settings).items():
             print(f"  {key} = {value}")
     registry = PluginRegistry.load(settings)
-    for name, error in registry.errors.items():
-        print(f"warning: plugin {name} failed to load: {error}")
+    for name, load_error in registry.errors.items():
+        print(f"warning: plugin {name} failed to load: {load_error}")
     try:
         entry = registry.provider_entry(settings.provider)
         model = registry.resolve_model(entry, settings.chat_model)

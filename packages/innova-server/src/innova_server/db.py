@@ -42,7 +42,10 @@ INDEXES: dict[str, list[IndexModel]] = {
         ),
     ],
     "messages": [
-        IndexModel([("conversation_id", ASCENDING), ("created_at", ASCENDING), ("_id", ASCENDING)], name="conversation_created"),
+        IndexModel(
+            [("conversation_id", ASCENDING), ("created_at", ASCENDING), ("_id", ASCENDING)],
+            name="conversation_created",
+        ),
     ],
     "rate_limits": [
         IndexModel([("key", ASCENDING), ("window_start", ASCENDING)], unique=True, name="key_window_unique"),
@@ -107,7 +110,7 @@ class Database:
         for collection, models in INDEXES.items():
             await self.db[collection].create_indexes(models)
 
-    async def ping(self, timeout: float = 2.0) -> bool:
+    async def ping(self, timeout: float = 2.0) -> bool:  # noqa: ASYNC109 - a budget, not a cancel scope
         """True when the server answers a ping within `timeout` seconds; never raises."""
         started = time.monotonic()
         try:

@@ -13,7 +13,15 @@ import os
 import time
 
 from fastapi import APIRouter, Request, Response
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from innova_server.errors import AppError, ErrorCode
@@ -25,9 +33,12 @@ HTTP_LATENCY = Histogram(
     ["method", "route"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
 )
+ARGON2_OPERATIONS = Counter("innova_argon2_operations_total", "argon2 hash/verify runs (CPU-heavy)", ["op"])
 LOGIN_FAILURES = Counter("innova_login_failures_total", "Failed logins (unknown email or wrong password)")
 RATE_LIMITED = Counter("innova_rate_limited_total", "Requests refused by a rate limit", ["limit"])
-LEGACY_AUTH_HITS = Counter("innova_legacy_auth_requests_total", "Hits on the deprecated /innova/api/auth prefix", ["route"])
+LEGACY_AUTH_HITS = Counter(
+    "innova_legacy_auth_requests_total", "Hits on the deprecated /innova/api/auth prefix", ["route"]
+)
 MONGO_COMMANDS = Counter("innova_mongo_commands_total", "Commands sent to MongoDB (round trips)", ["command"])
 MONGO_COMMAND_FAILURES = Counter("innova_mongo_command_failures_total", "MongoDB commands that failed", ["command"])
 MONGO_PING_SECONDS = Histogram("innova_mongo_ping_seconds", "Health-check ping time")

@@ -53,6 +53,8 @@ def _split_commas(value: Any) -> Any:
 
 
 CommaList = Annotated[list[str], NoDecode]
+# Written `10/15m` in the environment, not JSON.
+Limit = Annotated[RateLimit, NoDecode]
 
 
 def env_file() -> str | None:
@@ -100,12 +102,12 @@ class Settings(PluginSettings):
     argon2_memory_cost: int = Field(65536, ge=8, description="KiB")
     argon2_parallelism: int = Field(4, ge=1)
 
-    rate_limit_login_email: RateLimit = RateLimit(10, 900)
-    rate_limit_login_ip: RateLimit = RateLimit(50, 900)
-    rate_limit_register_ip: RateLimit = RateLimit(10, 3600)
-    rate_limit_forgot_email: RateLimit = RateLimit(5, 3600)
-    rate_limit_forgot_ip: RateLimit = RateLimit(20, 3600)
-    rate_limit_chat_user: RateLimit = RateLimit(30, 60)
+    rate_limit_login_email: Limit = RateLimit(10, 900)
+    rate_limit_login_ip: Limit = RateLimit(50, 900)
+    rate_limit_register_ip: Limit = RateLimit(10, 3600)
+    rate_limit_forgot_email: Limit = RateLimit(5, 3600)
+    rate_limit_forgot_ip: Limit = RateLimit(20, 3600)
+    rate_limit_chat_user: Limit = RateLimit(30, 60)
     chat_max_concurrent_streams: int = Field(3, ge=1)
 
     smtp_host: str | None = None
@@ -199,9 +201,15 @@ class Settings(PluginSettings):
             return []
         lines: list[str] = []
         if not self.mongo_uri_value:
-            lines.append("MONGO_URI is not set: production needs a real MongoDB (e.g. mongodb://appuser:…@127.0.0.1:27017/innova_db?authSource=innova_db).")
+            lines.append(
+                "MONGO_URI is not set: production needs a real MongoDB "
+                "(e.g. mongodb://appuser:…@127.0.0.1:27017/innova_db?authSource=innova_db)."
+            )
         if not self.allowed_origins:
-            lines.append("ALLOWED_ORIGINS is empty: list the front-end origins, e.g. https://innovaplus.africa,https://www.innovaplus.africa.")
+            lines.append(
+                "ALLOWED_ORIGINS is empty: list the front-end origins, "
+                "e.g. https://innovaplus.africa,https://www.innovaplus.africa."
+            )
         for origin in self.allowed_origins:
             if origin == "*":
                 lines.append("ALLOWED_ORIGINS contains '*': credentialed CORS needs explicit https origins.")
@@ -210,9 +218,14 @@ class Settings(PluginSettings):
         if not self.cookie_secure:
             lines.append("COOKIE_SECURE=false is not allowed in production: the session cookie must be Secure.")
         if self.mailer == "console":
-            lines.append("No mailer: set SMTP_HOST (and SMTP_PORT, SMTP_USER, SMTP_PASS, SMTP_USE_TLS) or MAILER; the console mailer is for development only.")
+            lines.append(
+                "No mailer: set SMTP_HOST (and SMTP_PORT, SMTP_USER, SMTP_PASS, SMTP_USE_TLS) or MAILER; "
+                "the console mailer is for development only."
+            )
         if not self.frontend_url.startswith("https://"):
-            lines.append(f"FRONTEND_URL={self.frontend_url!r} must be https:// in production (it is the base of reset links).")
+            lines.append(
+                f"FRONTEND_URL={self.frontend_url!r} must be https:// in production (it is the base of reset links)."
+            )
         return lines
 
 
@@ -227,9 +240,12 @@ class ConfigError(Exception):
 def load_settings(**overrides: Any) -> Settings:
     """Read the environment (and `.env` outside production); raise `ConfigError` on bad values."""
     from pydantic import ValidationError
+    from pydantic_settings import SettingsError
 
     try:
         return Settings(**overrides)
+    except SettingsError as exc:
+        raise ConfigError([str(exc)]) from None
     except ValidationError as exc:
         lines = []
         for error in exc.errors():

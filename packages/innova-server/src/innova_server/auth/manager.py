@@ -56,7 +56,9 @@ class AuthManager:
         return NewSession(user, token)
 
     async def register(self, email: str, password: str, name: str | None, client: ClientInfo) -> NewSession:
-        await self.limiter.consume("register_ip", limit_key("register:ip", client.ip), self.settings.rate_limit_register_ip)
+        await self.limiter.consume(
+            "register_ip", limit_key("register:ip", client.ip), self.settings.rate_limit_register_ip
+        )
         # Hash before touching the database: the unique index, not a lookup,
         # decides between two concurrent registrations of one address.
         password_hash = await self.passwords.hash(password)
@@ -72,7 +74,9 @@ class AuthManager:
         by_email = await self.limiter.consume(
             "login_email", limit_key("login:email", email), self.settings.rate_limit_login_email
         )
-        by_ip = await self.limiter.consume("login_ip", limit_key("login:ip", client.ip), self.settings.rate_limit_login_ip)
+        by_ip = await self.limiter.consume(
+            "login_ip", limit_key("login:ip", client.ip), self.settings.rate_limit_login_ip
+        )
         user = await self.users.by_email(email)
         checked = await self.passwords.verify(user.password_hash if user else None, password)
         if user is None or not checked.ok:

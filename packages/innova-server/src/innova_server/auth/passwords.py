@@ -14,6 +14,8 @@ import anyio.to_thread
 from argon2 import PasswordHasher, Type
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
+from innova_server import metrics
+
 MAX_PASSWORD_CHARS = 128
 
 
@@ -33,6 +35,7 @@ class Passwords:
         self._dummy_hash = self._hasher.hash(secrets.token_urlsafe(16))
 
     async def hash(self, password: str) -> str:
+        metrics.ARGON2_OPERATIONS.labels("hash").inc()
         return await anyio.to_thread.run_sync(self._hasher.hash, password)
 
     async def verify(self, password_hash: str | None, password: str) -> Verification:
@@ -40,6 +43,7 @@ class Passwords:
         if len(password) > MAX_PASSWORD_CHARS:  # never spend argon2 on oversized input
             return Verification(False)
         target = password_hash or self._dummy_hash
+        metrics.ARGON2_OPERATIONS.labels("verify").inc()
         ok = await anyio.to_thread.run_sync(self._check, target, password)
         if not ok or password_hash is None:
             return Verification(False)

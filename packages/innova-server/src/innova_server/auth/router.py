@@ -13,6 +13,7 @@ from innova_server.auth.dependencies import ClientDep, CurrentUser, ServicesDep
 from innova_server.auth.schemas import LoginIn, RegisterIn, UserEnvelope, UserOut
 from innova_server.auth.store import UserRecord
 
+
 def user_out(user: UserRecord) -> UserEnvelope:
     return UserEnvelope(user=UserOut(id=user.id, email=user.email, name=user.name, created_at=user.created_at))
 

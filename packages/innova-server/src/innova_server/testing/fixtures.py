@@ -53,9 +53,11 @@ def mongo_uri() -> Iterator[str]:
     if external:
         yield external
         return
-    with tempfile.TemporaryDirectory(prefix="innova-test-db-") as storage:
-        with EmbeddedMongo(os.path.join(storage, "db")) as server:
-            yield server.uri
+    with (
+        tempfile.TemporaryDirectory(prefix="innova-test-db-") as storage,
+        EmbeddedMongo(os.path.join(storage, "db")) as server,
+    ):
+        yield server.uri
 
 
 @pytest.fixture(scope="session")
@@ -76,7 +78,7 @@ def make_settings(mongo_uri: str, db_name: str) -> Callable[..., Settings]:
 
     def make(**overrides: Any) -> Settings:
         values = {**TEST_DEFAULTS, "mongo_uri": mongo_uri, "db_name": db_name, **overrides}
-        return Settings(_env_file=None, **values)
+        return Settings(_env_file=None, **values)  # type: ignore[call-arg]
 
     return make
 

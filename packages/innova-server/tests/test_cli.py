@@ -1,0 +1,184 @@
+"""The `innova` command, run as a deployer would: a real process."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from innova_server.embedded import free_port
+
+PASSWORD = "correct horse battery"
+CLEAN_ENV = {k: v for k, v in os.environ.items() if not k.startswith(("MONGO", "ENV", "PROVIDER", "MAILER", "SMTP"))}
+
+
+def innova(*args: str, cwd: Path, timeout: float = 60, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "innova_server.cli", *args],
+        cwd=cwd,
+        env={**CLEAN_ENV, **env},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_check_refuses_unsafe_production_with_clear_lines(tmp_path):
+    result = innova("check", cwd=tmp_path, ENV="production", ALLOWED_ORIGINS="*", COOKIE_SECURE="false")
+    assert result.returncode == 1
+    assert "Traceback" not in result.stdout + result.stderr
+    assert re.search(r"^error: MONGO_URI is not set", result.stdout, re.M)
+    assert re.search(r"^error: COOKIE_SECURE=false", result.stdout, re.M)
+
+
+def test_serve_refuses_unsafe_production_before_listening(tmp_path):
+    result = innova("serve", cwd=tmp_path, ENV="production", timeout=30)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert any("MONGO_URI" in line for line in lines)
+    assert all(line.startswith("innova: ") for line in lines)
+
+
+def test_asgi_module_exits_3_on_bad_config_for_gunicorn(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-c", "import innova_server.asgi"],
+        cwd=tmp_path,
+        env={**CLEAN_ENV, "ENV": "production"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 3
+    assert "Traceback" not in result.stderr
+    assert "innova: configuration error: MONGO_URI is not set" in result.stderr
+
+
+def test_check_pings_mongo_and_masks_secrets(tmp_path, mongo_uri):
+    ok = innova("check", cwd=tmp_path, MONGO_URI=mongo_uri)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "ok: MongoDB answers" in ok.stdout and "configuration OK" in ok.stdout
+
+    down = innova(
+        "check",
+        "-v",
+        cwd=tmp_path,
+        MONGO_URI=f"mongodb://appuser:pa55word@127.0.0.1:{free_port()}/?authSource=innova_db",
+        METRICS_TOKEN="tok-123456",
+        SMTP_PASS="smtp-secret",
+    )
+    assert down.returncode == 1
+    assert "MongoDB does not answer" in down.stdout
+    for secret in ("pa55word", "tok-123456", "smtp-secret"):
+        assert secret not in down.stdout + down.stderr
+
+
+def test_unknown_provider_is_reported_with_what_is_installed(tmp_path, mongo_uri):
+    check = innova("check", cwd=tmp_path, MONGO_URI=mongo_uri, PROVIDER="nope")
+    assert check.returncode == 1
+    assert "PROVIDER='nope' is not installed. Installed providers: echo" in check.stdout
+    serve = innova("serve", cwd=tmp_path, MONGO_URI=mongo_uri, PROVIDER="nope", timeout=30)
+    assert serve.returncode == 2
+    assert "Traceback" not in serve.stderr
+    assert "PROVIDER='nope' is not installed" in serve.stderr
+    model = innova("check", cwd=tmp_path, MONGO_URI=mongo_uri, CHAT_MODEL="gpt-9")
+    assert "CHAT_MODEL='gpt-9' is not a model of provider 'echo': echo." in model.stdout
+
+
+def test_db_init_creates_the_indexes(tmp_path, mongo_uri, mongo_client, db_name):
+    result = innova("db", "init", cwd=tmp_path, MONGO_URI=mongo_uri, DB_NAME=db_name)
+    assert result.returncode == 0, result.stderr
+    db = mongo_client[db_name]
+    try:
+        assert db.users.index_information()["email_unique"]["unique"] is True
+        sessions = db.sessions.index_information()
+        assert sessions["token_hash_unique"]["unique"] is True
+        assert sessions["expires_at_ttl"]["expireAfterSeconds"] == 0
+        assert db.rate_limits.index_information()["key_window_unique"]["unique"] is True
+        assert "expires_at_ttl" in db.password_reset_tokens.index_information()
+        # Idempotent.
+        assert innova("db", "init", cwd=tmp_path, MONGO_URI=mongo_uri, DB_NAME=db_name).returncode == 0
+    finally:
+        mongo_client.drop_database(db_name)
+
+
+def test_plugins_lists_the_echo_provider(tmp_path):
+    result = innova("plugins", "--json", cwd=tmp_path)
+    assert result.returncode == 0
+    plugins = {p["name"]: p for p in json.loads(result.stdout)}
+    assert plugins["echo"]["providers"] == ["echo"]
+    assert plugins["echo"]["error"] is None
+    assert plugins["echo"]["version"]
+    text = innova("plugins", cwd=tmp_path).stdout
+    assert "providers: echo" in text
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _start_serve(tmp_path: Path, port: int) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "innova_server.cli", "serve", "--port", str(port)],
+        cwd=tmp_path,
+        env={**CLEAN_ENV, "COOKIE_SECURE": "false", "INNOVA_DATA_DIR": str(tmp_path / "data")},
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+    )
+
+
+def _wait_healthy(url: str, process: subprocess.Popen[str], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.stderr.read() if process.stderr else ""
+        try:
+            if httpx.get(f"{url}/health").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError("innova serve did not become healthy")
+
+
+def _stop(process: subprocess.Popen[str]) -> str:
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=60)
+    return err
+
+
+@pytest.mark.slow
+def test_serve_runs_with_the_embedded_database_and_keeps_data(tmp_path):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    first = _start_serve(tmp_path, port)
+    try:
+        _wait_healthy(url, first)
+        assert (
+            httpx.post(f"{url}/auth/register", json={"email": "ada@example.com", "password": PASSWORD}).status_code
+            == 201
+        )
+    finally:
+        err = _stop(first)
+    assert f"data in {tmp_path / 'data' / 'db'}" in err
+    db_port = int(re.search(r"listening on mongodb://127\.0\.0\.1:(\d+)", err)[1])
+    assert "stopping the embedded database" in err
+    assert not _port_open(db_port)  # the database process is gone
+
+    second = _start_serve(tmp_path, port)
+    try:
+        _wait_healthy(url, second)
+        login = httpx.post(f"{url}/auth/login", json={"email": "ada@example.com", "password": PASSWORD})
+        assert login.status_code == 200  # the account survived the restart
+    finally:
+        _stop(second)

@@ -1,0 +1,89 @@
+"""/health, /metrics and recovery from a MongoDB outage."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from innova_server import __version__
+from innova_server.app import create_app
+from innova_server.embedded import EmbeddedMongo
+from innova_server.testing.server import LiveServer
+
+PASSWORD = "correct horse battery"
+
+
+def test_health_ok(server):
+    response = httpx.get(f"{server.url}/health")
+    assert response.status_code == 200
+    assert response.json() == {"status": "ok", "mongo": "ok", "version": __version__, "provider": "echo"}
+
+
+def test_metrics_for_loopback_and_counted_routes(server):
+    with httpx.Client(base_url=server.url) as client:
+        client.get("/health")
+        client.post("/auth/login", json={"email": "x@example.com", "password": "wrong password"})
+        client.get("/conversations/does-not-exist")
+        text = client.get("/metrics").text
+    assert 'innova_http_requests_total{method="GET",route="/health",status="200"}' in text
+    assert 'innova_http_request_duration_seconds_bucket{le="0.005",method="GET",route="/health"}' in text
+    assert 'route="<unmatched>",status="404"' in text  # raw paths never become labels
+    assert "innova_login_failures_total" in text
+    assert 'innova_mongo_commands_total{command="' in text
+
+
+def test_metrics_refused_to_remote_clients_without_the_token(start_server):
+    server = start_server(metrics_token="s3cret-metrics-token")
+    remote = {"X-Forwarded-For": "203.0.113.9"}  # as nginx would forward an outside client
+    refused = httpx.get(f"{server.url}/metrics", headers=remote)
+    assert refused.status_code == 403
+    wrong = httpx.get(f"{server.url}/metrics", headers={**remote, "Authorization": "Bearer nope"})
+    assert wrong.status_code == 403
+    ok = httpx.get(f"{server.url}/metrics", headers={**remote, "Authorization": "Bearer s3cret-metrics-token"})
+    assert ok.status_code == 200 and "innova_http_requests_total" in ok.text
+
+
+def test_metrics_without_a_token_configured_is_loopback_only(server):
+    response = httpx.get(
+        f"{server.url}/metrics", headers={"X-Forwarded-For": "203.0.113.9", "Authorization": "Bearer x"}
+    )
+    assert response.status_code == 403
+
+
+def _wait_for(url: str, status: int, timeout: float) -> httpx.Response:
+    deadline = time.monotonic() + timeout
+    while True:
+        response = httpx.get(url, timeout=10)
+        if response.status_code == status or time.monotonic() > deadline:
+            return response
+        time.sleep(0.2)
+
+
+@pytest.mark.slow
+def test_health_reports_an_outage_quickly_and_recovers_without_restart(make_settings, tmp_path: Path):
+    mongo = EmbeddedMongo(tmp_path / "db").start()
+    settings = make_settings(mongo_uri=mongo.uri, mongo_timeout_ms=1000)
+    with LiveServer(create_app(settings)) as live, httpx.Client(base_url=live.url, timeout=10) as client:
+        try:
+            assert client.get("/health").json()["mongo"] == "ok"
+            client.post("/auth/register", json={"email": "ada@example.com", "password": PASSWORD})
+            mongo.stop()
+
+            started = time.monotonic()
+            down = client.get("/health")
+            assert time.monotonic() - started < 5  # answers within the 2 s budget, never hangs
+            assert down.status_code == 503
+            assert down.json()["status"] == "error" and down.json()["mongo"] == "error"
+
+            me = client.get("/auth/me")
+            assert me.status_code == 503
+            assert me.json()["detail"]["code"] == "database_unavailable"
+
+            mongo = EmbeddedMongo(tmp_path / "db", port=mongo.port).start()
+            assert _wait_for(f"{live.url}/health", 200, 30).status_code == 200
+            assert client.get("/auth/me").status_code == 200  # the data and the session survived
+        finally:
+            mongo.stop()
