@@ -1,0 +1,111 @@
+"""Gunicorn configuration for the INNOVAPLUS backend (`innova_server.asgi:app`).
+
+Used by deploy/systemd/innovaplus-backend.service:
+
+    gunicorn -c /opt/innovaplus/backend/deploy/gunicorn.conf.py innova_server.asgi:app
+
+Everything comes from the environment (systemd's EnvironmentFile
+/etc/innovaplus/backend.env), with production defaults:
+
+- HOST / PORT (DESIGN §3): bind address, default 127.0.0.1:8000. nginx is the
+  only thing that talks to it; never bind a public address.
+- WEB_CONCURRENCY: number of worker processes (default: number of CPUs, at
+  least 2). Workers are asynchronous (uvicorn): one per core is enough;
+  each argon2 hash needs ARGON2_MEMORY_COST KiB of RAM while it runs.
+- GUNICORN_TIMEOUT, GUNICORN_GRACEFUL_TIMEOUT, GUNICORN_KEEPALIVE: see below.
+- PROMETHEUS_MULTIPROC_DIR: where the workers' metric files go; the unit sets
+  it to /run/innovaplus-backend. Without it a private temporary directory is
+  made. Either way it is emptied when gunicorn starts.
+
+Command-line options override this file (the tests use `--bind`).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import tempfile
+
+
+def _int(name: str, default: int) -> int:
+    value = os.environ.get(name, "").strip()
+    return int(value) if value else default
+
+
+def _bind_address() -> str:
+    host = os.environ.get("HOST", "").strip() or "127.0.0.1"
+    port = _int("PORT", 8000)
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"  # IPv6 literal
+    return f"{host}:{port}"
+
+
+# -- where and how many ---------------------------------------------------------
+
+wsgi_app = "innova_server.asgi:app"
+bind = [_bind_address()]
+worker_class = "uvicorn_worker.UvicornWorker"
+workers = max(1, _int("WEB_CONCURRENCY", max(2, os.cpu_count() or 1)))
+proc_name = "innovaplus-backend"
+# The app is imported in each worker, not in the master: a configuration
+# error makes every worker exit with status 3 and gunicorn stop (no
+# respawn loop), and `systemctl restart` always loads fresh code.
+preload_app = False
+
+# -- timeouts ---------------------------------------------------------------------
+# With uvicorn workers `timeout` is NOT a request timeout: it is the
+# heartbeat. A worker whose event loop has not checked in for `timeout`
+# seconds is killed and replaced. A chat stream (SSE) may last minutes; it
+# never blocks the loop, so it is never cut by this. nginx's
+# proxy_read_timeout for /chatlaya/message bounds the silence on a stream
+# (the app sends a `: ping` every 15 s).
+timeout = _int("GUNICORN_TIMEOUT", 60)
+# On stop/restart (SIGTERM) workers stop accepting, let running requests
+# and streams finish for up to this long, then are killed. The unit's
+# TimeoutStopSec is larger.
+graceful_timeout = _int("GUNICORN_GRACEFUL_TIMEOUT", 30)
+# Idle keep-alive between nginx and the workers: longer than nginx's
+# upstream keepalive_timeout (60 s) so nginx always closes first.
+keepalive = _int("GUNICORN_KEEPALIVE", 75)
+
+# -- proxy ------------------------------------------------------------------------
+# X-Forwarded-For / X-Forwarded-Proto are believed only from nginx on
+# loopback (the app applies the same rule with TRUSTED_PROXIES).
+forwarded_allow_ips = "127.0.0.1,::1"
+
+# -- logs: stdout/stderr, collected by journald -------------------------------------
+accesslog = "-"
+errorlog = "-"
+loglevel = os.environ.get("LOG_LEVEL", "info").lower()
+access_log_format = '%(h)s "%(r)s" %(s)s %(b)s %(M)sms "%(a)s"'
+# Worker heartbeat files in RAM (/dev/shm stays writable under ProtectSystem=strict).
+worker_tmp_dir = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+
+# -- Prometheus multiprocess mode -----------------------------------------------------
+# Must be in the environment before a worker imports prometheus_client,
+# hence set here, at config load, in the master.
+# (A SIGHUP reload runs this file again: the marker keeps the same temp dir.)
+if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="innova-metrics-")
+    os.environ["INNOVA_METRICS_DIR_TEMPORARY"] = "1"
+metrics_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+
+
+def on_starting(server: object) -> None:
+    """Once, in the master, before any worker: start from an empty metrics dir."""
+    os.makedirs(metrics_dir, exist_ok=True)
+    for path in glob.glob(os.path.join(metrics_dir, "*.db")):
+        os.remove(path)
+
+
+def child_exit(server: object, worker: object) -> None:
+    """A worker is gone: fold its live gauges out of /metrics."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)  # type: ignore[attr-defined]
+
+
+def on_exit(server: object) -> None:
+    if os.environ.get("INNOVA_METRICS_DIR_TEMPORARY") == "1":
+        shutil.rmtree(metrics_dir, ignore_errors=True)

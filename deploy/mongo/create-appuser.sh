@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Create or update `appuser` (dbOwner on innova_db) in the running MongoDB
+# container, with the passwords of /etc/innovaplus/mongo.env. Idempotent.
+#   sudo deploy/mongo/create-appuser.sh
+# Environment: MONGO_ENV_FILE (default /etc/innovaplus/mongo.env),
+# MONGO_CONTAINER (default innova-mongo).
+set -euo pipefail
+
+MONGO_ENV_FILE=${MONGO_ENV_FILE:-/etc/innovaplus/mongo.env}
+MONGO_CONTAINER=${MONGO_CONTAINER:-innova-mongo}
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+
+if [[ ! -r "$MONGO_ENV_FILE" ]]; then
+    echo "create-appuser.sh: cannot read $MONGO_ENV_FILE (run as root; see deploy/README.md)" >&2
+    exit 1
+fi
+set -a
+# shellcheck source=/dev/null
+. "$MONGO_ENV_FILE"
+set +a
+: "${MONGO_ROOT_PASSWORD:?missing in $MONGO_ENV_FILE}" "${APP_PASSWORD:?missing in $MONGO_ENV_FILE}"
+
+# Secrets go through the environment of `docker exec`, never the command line.
+docker exec -i \
+    -e INNOVA_DB_NAME="${DB_NAME:-innova_db}" \
+    -e INNOVA_APP_USER="${APP_USER:-appuser}" \
+    -e INNOVA_APP_PASSWORD="$APP_PASSWORD" \
+    -e MONGO_ROOT_USERNAME="${MONGO_ROOT_USERNAME:-root}" \
+    -e MONGO_ROOT_PASSWORD="$MONGO_ROOT_PASSWORD" \
+    "$MONGO_CONTAINER" \
+    sh -c 'mongosh --quiet --host 127.0.0.1 --port 27017 --authenticationDatabase admin \
+        -u "$MONGO_ROOT_USERNAME" -p "$MONGO_ROOT_PASSWORD" --file /dev/stdin' \
+    <"$here/initdb/01-appuser.js"

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The check from the operations notes: does MongoDB answer as the app user?
+#   sudo deploy/mongo/ping.sh           (reads MONGO_URI from the env file)
+# Equivalent by hand:
+#   mongosh "mongodb://appuser:***@127.0.0.1:27017/innova_db?authSource=innova_db" \
+#       --eval 'db.runCommand({ ping: 1 })'
+# Uses the host's mongosh if installed, else the one in the container.
+# Environment: ENV_FILE (default /etc/innovaplus/backend.env), MONGO_URI
+# (overrides the file), MONGO_CONTAINER (default innova-mongo).
+set -euo pipefail
+
+ENV_FILE=${ENV_FILE:-/etc/innovaplus/backend.env}
+MONGO_CONTAINER=${MONGO_CONTAINER:-innova-mongo}
+
+if [[ -z "${MONGO_URI:-}" ]]; then
+    if [[ ! -r "$ENV_FILE" ]]; then
+        echo "ping.sh: set MONGO_URI or make $ENV_FILE readable (run with sudo)" >&2
+        exit 1
+    fi
+    MONGO_URI=$(sed -n 's/^MONGO_URI=//p' "$ENV_FILE" | tail -n 1)
+fi
+if [[ -z "$MONGO_URI" ]]; then
+    echo "ping.sh: MONGO_URI is empty" >&2
+    exit 1
+fi
+
+eval_js='const r = db.runCommand({ ping: 1 }); printjson(r); if (r.ok !== 1) { quit(1); }'
+if command -v mongosh >/dev/null 2>&1; then
+    exec mongosh "$MONGO_URI" --quiet --eval "$eval_js"
+fi
+# The URI holds the password: pass it through the environment, not argv.
+exec docker exec -e MONGO_URI="$MONGO_URI" -e EVAL_JS="$eval_js" "$MONGO_CONTAINER" \
+    sh -c 'exec mongosh "$MONGO_URI" --quiet --eval "$EVAL_JS"'
