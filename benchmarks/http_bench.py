@@ -31,6 +31,7 @@ import httpx
 from argon2 import PasswordHasher
 
 from innova_server.embedded import EmbeddedMongo, free_port
+from innova_server.testing.server import wait_until_healthy
 
 RESULTS = Path(__file__).parent / "results"
 PASSWORD = "correct horse battery"
@@ -54,18 +55,6 @@ def start_server(mongo_uri: str, port: int, **env: str) -> subprocess.Popen[byte
         "--host", "127.0.0.1", "--port", str(port), "--no-access-log", "--log-level", "warning",
     ]
     return subprocess.Popen(command, env=environment)
-
-
-def wait_ready(url: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/health").status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError("server did not start")
 
 
 def mongo_commands(url: str) -> float:
@@ -192,7 +181,7 @@ def main() -> int:
         server = start_server(mongo.uri, port)
         url = f"http://127.0.0.1:{port}"
         try:
-            wait_ready(url)
+            wait_until_healthy(url, process=server)
             results = asyncio.run(bench(url, args.seconds, args.concurrency))
         finally:
             server.terminate()

@@ -6,13 +6,13 @@ import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
 from innova_server.embedded import free_port
+from innova_server.testing.server import wait_until_healthy
 
 pytest.importorskip("gunicorn", reason="gunicorn comes with innova-server[production]")
 pytest.importorskip("uvicorn_worker", reason="uvicorn-worker comes with innova-server[production]")
@@ -60,15 +60,7 @@ def test_two_workers_share_sessions_rate_limits_and_metrics(tmp_path: Path, mong
     process = subprocess.Popen(command, env=env, cwd=tmp_path, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert process.poll() is None, process.stderr.read() if process.stderr else ""
-            try:
-                if httpx.get(f"{url}/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                assert time.monotonic() < deadline, "gunicorn did not start"
-                time.sleep(0.2)
+        wait_until_healthy(url, process=process)
 
         body = {"email": "ada@example.com", "password": "correct horse battery"}
         # A new connection per request, so both workers answer.
