@@ -9,13 +9,13 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
 from innova_server.embedded import free_port
+from innova_server.testing.server import wait_until_healthy
 
 PASSWORD = "correct horse battery"
 CLEAN_ENV = {k: v for k, v in os.environ.items() if not k.startswith(("MONGO", "ENV", "PROVIDER", "MAILER", "SMTP"))}
@@ -138,19 +138,6 @@ def _start_serve(tmp_path: Path, port: int) -> subprocess.Popen[str]:
     )
 
 
-def _wait_healthy(url: str, process: subprocess.Popen[str], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert process.poll() is None, process.stderr.read() if process.stderr else ""
-        try:
-            if httpx.get(f"{url}/health").status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError("innova serve did not become healthy")
-
-
 def _stop(process: subprocess.Popen[str]) -> str:
     process.send_signal(signal.SIGTERM)
     _, err = process.communicate(timeout=60)
@@ -163,7 +150,7 @@ def test_serve_runs_with_the_embedded_database_and_keeps_data(tmp_path):
     url = f"http://127.0.0.1:{port}"
     first = _start_serve(tmp_path, port)
     try:
-        _wait_healthy(url, first)
+        wait_until_healthy(url, process=first)
         assert (
             httpx.post(f"{url}/auth/register", json={"email": "ada@example.com", "password": PASSWORD}).status_code
             == 201
@@ -177,7 +164,7 @@ def test_serve_runs_with_the_embedded_database_and_keeps_data(tmp_path):
 
     second = _start_serve(tmp_path, port)
     try:
-        _wait_healthy(url, second)
+        wait_until_healthy(url, process=second)
         login = httpx.post(f"{url}/auth/login", json={"email": "ada@example.com", "password": PASSWORD})
         assert login.status_code == 200  # the account survived the restart
     finally:

@@ -76,8 +76,9 @@ class RateLimiter:
             raise AppError(ErrorCode.RATE_LIMITED, headers={"Retry-After": str(hit.retry_after)})
         return hit
 
-    async def refund(self, hit: Hit) -> None:
-        """Give back one event of a window (e.g. a login that succeeded)."""
-        await self.db.rate_limits.update_one(
-            {"key": hit.key, "window_start": hit.window_start, "count": {"$gt": 0}}, {"$inc": {"count": -1}}
+    async def refund(self, *hits: Hit) -> None:
+        """Give back one event of each window (e.g. a login that succeeded), in one round trip."""
+        windows = [{"key": hit.key, "window_start": hit.window_start} for hit in hits]
+        await self.db.rate_limits.update_many(
+            {"$or": windows, "count": {"$gt": 0}}, {"$inc": {"count": -1}}
         )

@@ -82,8 +82,7 @@ class AuthManager:
         if user is None or not checked.ok:
             metrics.LOGIN_FAILURES.inc()
             raise AppError(ErrorCode.INVALID_CREDENTIALS)
-        await self.limiter.refund(by_email)
-        await self.limiter.refund(by_ip)
+        await self.limiter.refund(by_email, by_ip)
         if checked.needs_rehash:
             await self.users.set_password_hash(user.id, await self.passwords.hash(password))
             log.info("password hash upgraded user_id=%s", user.id)

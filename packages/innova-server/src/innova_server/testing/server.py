@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import subprocess
 import threading
 import time
 from types import TracebackType
+from typing import Any
 
+import httpx
 import uvicorn
 from fastapi import FastAPI
 
@@ -48,3 +51,19 @@ class LiveServer:
 
     def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
         self.stop()
+
+
+def wait_until_healthy(url: str, *, process: subprocess.Popen[Any] | None = None, timeout: float = 60.0) -> None:
+    """Poll `url/health` until it answers 200; fail early if `process` (the server) exits."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"the server exited with status {process.returncode} before becoming healthy")
+        try:
+            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{url}/health did not answer 200 within {timeout:.0f}s")
+        time.sleep(0.2)
