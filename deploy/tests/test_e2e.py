@@ -57,7 +57,7 @@ def _start_gunicorn(tmp: Path, mongo_uri: str, port: int, **extra_env: str) -> t
     log = tmp / "gunicorn.log"
     work = tmp / "cwd"  # no stray .env from the repository
     work.mkdir()
-    keep = ("PATH", "LANG", "LC_ALL", "HOME", "TMPDIR", "SYSTEMROOT", "VIRTUAL_ENV")
+    keep = ("PATH", "PYTHONPATH", "LANG", "LC_ALL", "HOME", "TMPDIR", "SYSTEMROOT", "VIRTUAL_ENV")
     env = {k: v for k, v in os.environ.items() if k in keep}
     env.update(
         ENV="development",
