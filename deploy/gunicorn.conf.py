@@ -80,22 +80,23 @@ errorlog = "-"
 loglevel = os.environ.get("LOG_LEVEL", "info").lower()
 access_log_format = '%(h)s "%(r)s" %(s)s %(b)s %(M)sms "%(a)s"'
 # Worker heartbeat files in RAM (/dev/shm stays writable under ProtectSystem=strict).
-worker_tmp_dir = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+_SHM = "/dev/shm"  # noqa: S108 - gunicorn's documented choice, not a temp file name
+worker_tmp_dir = _SHM if os.path.isdir(_SHM) and os.access(_SHM, os.W_OK) else None
 
 # -- Prometheus multiprocess mode -----------------------------------------------------
-# Must be in the environment before a worker imports prometheus_client,
-# hence set here, at config load, in the master.
-# (A SIGHUP reload runs this file again: the marker keeps the same temp dir.)
-if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="innova-metrics-")
-    os.environ["INNOVA_METRICS_DIR_TEMPORARY"] = "1"
-metrics_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+# PROMETHEUS_MULTIPROC_DIR must be in the environment before a worker imports
+# prometheus_client: on_starting runs in the master before any worker forks.
 
 
 def on_starting(server: object) -> None:
-    """Once, in the master, before any worker: start from an empty metrics dir."""
-    os.makedirs(metrics_dir, exist_ok=True)
-    for path in glob.glob(os.path.join(metrics_dir, "*.db")):
+    """Once, in the master, before any worker: an empty metrics directory."""
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not directory:
+        directory = tempfile.mkdtemp(prefix="innova-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+        os.environ["INNOVA_METRICS_DIR_TEMPORARY"] = "1"  # ours: removed on exit
+    os.makedirs(directory, exist_ok=True)
+    for path in glob.glob(os.path.join(directory, "*.db")):
         os.remove(path)
 
 
@@ -108,4 +109,4 @@ def child_exit(server: object, worker: object) -> None:
 
 def on_exit(server: object) -> None:
     if os.environ.get("INNOVA_METRICS_DIR_TEMPORARY") == "1":
-        shutil.rmtree(metrics_dir, ignore_errors=True)
+        shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)

@@ -60,7 +60,9 @@ def ipv6_loopback() -> bool:
         return False
 
 
-def wait_for_port(port: int, host: str = "127.0.0.1", timeout: float = 30.0, process: subprocess.Popen[bytes] | None = None) -> None:
+def wait_for_port(
+    port: int, host: str = "127.0.0.1", timeout: float = 30.0, process: subprocess.Popen[bytes] | None = None
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
@@ -180,7 +182,9 @@ def nginx_binary() -> str:
 
 
 @pytest.fixture
-def run_nginx_test(nginx_binary: str, test_ca: TLSFiles, tmp_path: Path) -> Callable[[Path], subprocess.CompletedProcess[str]]:
+def run_nginx_test(
+    nginx_binary: str, test_ca: TLSFiles, tmp_path: Path
+) -> Callable[[Path], subprocess.CompletedProcess[str]]:
     """`nginx -t` on a site file rendered with the test certificate."""
 
     def run(site: Path) -> subprocess.CompletedProcess[str]:

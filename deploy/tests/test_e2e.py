@@ -8,6 +8,7 @@ client on the Internet would.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -18,11 +19,24 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
-from .conftest import DEPLOY, PUBLIC_NAME, SITE_CONF, TLSFiles, find_tool, free_port, ipv6_loopback, render_nginx, require_tool, stop_process, wait_for_port
+from .conftest import (
+    DEPLOY,
+    PUBLIC_NAME,
+    SITE_CONF,
+    TLSFiles,
+    find_tool,
+    free_port,
+    ipv6_loopback,
+    render_nginx,
+    require_tool,
+    stop_process,
+    wait_for_port,
+)
 
 ECHO_DELAY_MS = 300
 WORKERS = 2
@@ -39,14 +53,18 @@ class Stack:
     gunicorn_log: Path
     nginx_error_log: Path
 
-    def client(self, **kwargs: object) -> httpx.Client:
-        return httpx.Client(base_url=self.https, verify=ssl.create_default_context(cafile=str(self.ca)), timeout=30, **kwargs)  # type: ignore[arg-type]
+    def client(self, **kwargs: Any) -> httpx.Client:
+        return httpx.Client(
+            base_url=self.https, verify=ssl.create_default_context(cafile=str(self.ca)), timeout=30, **kwargs
+        )
 
     def logs(self) -> str:
         parts = []
         for path in (self.gunicorn_log, self.nginx_error_log):
             if path.exists():
-                parts.append(f"--- {path.name} (tail) ---\n" + "\n".join(path.read_text(errors="replace").splitlines()[-40:]))
+                parts.append(
+                    f"--- {path.name} (tail) ---\n" + "\n".join(path.read_text(errors="replace").splitlines()[-40:])
+                )
         return "\n".join(parts)
 
 
@@ -80,7 +98,10 @@ def _start_gunicorn(tmp: Path, mongo_uri: str, port: int, **extra_env: str) -> t
     with log.open("wb") as out:
         process = subprocess.Popen(
             [gunicorn, "--config", str(DEPLOY / "gunicorn.conf.py")],
-            cwd=work, env=env, stdout=out, stderr=subprocess.STDOUT,
+            cwd=work,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
         )
     return process, log
 
@@ -107,7 +128,9 @@ def stack(mongo_uri: str, test_ca: TLSFiles, tmp_path_factory: pytest.TempPathFa
     gunicorn, gunicorn_log = _start_gunicorn(tmp, mongo_uri, backend_port)
     nginx_process = None
     ipv6 = ipv6_loopback()
-    layout = render_nginx(SITE_CONF, tmp / "nginx", cert=test_ca.cert, key=test_ca.key, upstream_port=backend_port, ipv6=ipv6)
+    layout = render_nginx(
+        SITE_CONF, tmp / "nginx", cert=test_ca.cert, key=test_ca.key, upstream_port=backend_port, ipv6=ipv6
+    )
     try:
         backend = f"http://127.0.0.1:{backend_port}"
         _wait_healthy(f"{backend}/health", gunicorn, gunicorn_log)
@@ -156,7 +179,10 @@ def test_the_deploy_health_poll_succeeds_through_nginx(stack: Stack) -> None:
         pytest.skip("curl is not installed")
     result = subprocess.run(
         ["bash", str(DEPLOY / "scripts" / "wait-healthy.sh"), f"{stack.https}/health", "5", "1"],
-        capture_output=True, text=True, timeout=60, env={**os.environ, "CURL_CA_BUNDLE": str(stack.ca)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "CURL_CA_BUNDLE": str(stack.ca)},
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "healthy after 1 attempt" in result.stdout
@@ -196,21 +222,26 @@ def test_metrics_are_refused_from_outside(stack: Stack) -> None:
 
 def test_client_max_body_size(stack: Stack) -> None:
     with stack.client() as client:
-        response = client.post("/auth/login", content=b"x" * (2 * 1024 * 1024), headers={"Content-Type": "application/json"})
+        response = client.post(
+            "/auth/login", content=b"x" * (2 * 1024 * 1024), headers={"Content-Type": "application/json"}
+        )
     assert response.status_code == 413
 
 
 def test_chat_stream_arrives_token_by_token(stack: Stack) -> None:
     """The echo provider spaces its words by ECHO_DELAY_MS: if nginx (or
     anything) buffered the stream, every token would arrive at once at the end."""
-    openapi = httpx.get(f"{stack.backend}/openapi.json").json()
-    if "/chatlaya/message" not in openapi.get("paths", {}):
-        pytest.skip("this tree has no chat API yet (/chatlaya/message, issue 4): nothing to stream")
+    probe = httpx.post(f"{stack.backend}/chatlaya/message", json={"content": "x"})
+    if probe.status_code == 404 and "conversation" not in probe.text:
+        pytest.skip("this tree has no chat API yet (POST /chatlaya/message is 404, issue 4): nothing to stream")
+    assert probe.status_code == 401, probe.text  # the route exists and wants a session
     words = ["Bonjour", "Chatlaya,", "ceci", "est", "un", "flux", "progressif"]
     content = " ".join(words)
     with stack.client() as client:
         email = f"stream-{uuid.uuid4().hex[:8]}@example.org"
-        registered = client.post("/auth/register", json={"email": email, "password": "correct horse battery", "name": "E2E"})
+        registered = client.post(
+            "/auth/register", json={"email": email, "password": "correct horse battery", "name": "E2E"}
+        )
         assert registered.status_code == 201, registered.text
         assert "innova_session" in client.cookies
         session = client.post("/chatlaya/session")
@@ -220,7 +251,9 @@ def test_chat_stream_arrives_token_by_token(stack: Stack) -> None:
         events: list[tuple[str, dict[str, object], float]] = []
         started = time.monotonic()
         with client.stream(
-            "POST", "/chatlaya/message", json={"content": content, "conversation_id": conversation_id},
+            "POST",
+            "/chatlaya/message",
+            json={"content": content, "conversation_id": conversation_id},
             headers={"Accept": "text/event-stream"},
         ) as response:
             assert response.status_code == 200, response.read()
@@ -245,7 +278,7 @@ def test_chat_stream_arrives_token_by_token(stack: Stack) -> None:
     assert last - first >= 0.6 * spread, f"tokens arrived together (first {first:.2f}s, last {last:.2f}s): buffered"
     # ...and the first one long before the end of the reply.
     assert first < last - 0.5 * spread
-    gaps = [b[1] - a[1] for a, b in zip(tokens, tokens[1:], strict=False)]
+    gaps = [b[1] - a[1] for a, b in itertools.pairwise(tokens)]
     assert sum(1 for gap in gaps if gap >= 0.5 * ECHO_DELAY_MS / 1000) >= len(gaps) - 1, gaps
 
 
@@ -265,4 +298,3 @@ def test_gunicorn_stops_gracefully(tmp_path: Path, mongo_uri: str) -> None:
     assert process.returncode == 0, text[-3000:]
     assert "Shutting down: Master" in text
     assert not list(private_tmp.glob("innova-metrics-*"))
-

@@ -25,7 +25,8 @@ case ${args[0]} in
   default) echo "${args[2]} ${args[1]}" >> "$state/defaults" ;;
   allow|deny|limit)
     rule="ufw ${args[*]}"
-    if grep -qxF "$rule" "$state/rules"; then echo "Skipping adding existing rule"; else echo "$rule" >> "$state/rules"; echo "Rule added"; fi ;;
+    if grep -qxF "$rule" "$state/rules"; then echo "Skipping adding existing rule"
+    else echo "$rule" >> "$state/rules"; echo "Rule added"; fi ;;
   delete)
     rule="ufw ${args[*]:1}"
     grep -vxF "$rule" "$state/rules" > "$state/rules.new" || true
@@ -48,7 +49,7 @@ def run_ufw(fake_bin: Callable[[str, str], Path], tmp_path: Path, defaults: Path
 
 def test_ufw_opens_only_22_80_443_and_converges(fake_bin: Callable[[str, str], Path], tmp_path: Path) -> None:
     defaults = tmp_path / "default-ufw"
-    defaults.write_text("IPV6=no\nDEFAULT_INPUT_POLICY=\"DROP\"\n")
+    defaults.write_text('IPV6=no\nDEFAULT_INPUT_POLICY="DROP"\n')
     state = tmp_path / "ufw"
     state.mkdir()
     # Leftovers from before: a backend port opened by hand, and SSH already there.
@@ -149,7 +150,10 @@ def test_restore_refuses_a_directory_that_is_not_a_dump(tmp_path: Path) -> None:
     env = {**os.environ, "MONGO_URI": "mongodb://127.0.0.1:1/innova_db", "DB_NAME": "innova_db"}
     result = subprocess.run(
         ["bash", str(DEPLOY / "backup" / "mongo-restore.sh"), str(tmp_path)],
-        capture_output=True, text=True, env=env, timeout=60,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
     )
     assert result.returncode == 1 and "not a dump of innova_db" in result.stderr
 
@@ -159,7 +163,9 @@ def test_wait_healthy_gives_up_after_the_bounded_retries() -> None:
     started = time.monotonic()
     result = subprocess.run(
         ["bash", str(DEPLOY / "scripts" / "wait-healthy.sh"), f"http://127.0.0.1:{port}/health", "3", "0.2"],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 1
     assert result.stdout.count("not healthy yet") == 3

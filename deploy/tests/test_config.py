@@ -1,0 +1,124 @@
+"""backend.env.example and gunicorn.conf.py, checked against the code they configure."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from innova_server.settings import Settings
+
+from .conftest import DEPLOY, find_tool
+
+ENV_EXAMPLE = DEPLOY / "backend.env.example"
+# Variables read by plugins and by gunicorn.conf.py, not by the core Settings.
+PLUGIN_AND_SERVER_VARS = {
+    "ECHO_DELAY_MS",
+    "OPENAI_API_KEY",
+    "OPENAI_BASE_URL",
+    "MISTRAL_API_KEY",
+    "MISTRAL_BASE_URL",
+    "SMOLLM_MODEL_PATH",
+    "WEB_CONCURRENCY",
+    "GUNICORN_TIMEOUT",
+    "GUNICORN_GRACEFUL_TIMEOUT",
+    "GUNICORN_KEEPALIVE",
+}
+_LINE = re.compile(r"^(#)?([A-Z][A-Z0-9_]*)=(.*)$")
+
+
+def example_entries() -> dict[str, tuple[bool, str]]:
+    """NAME -> (active, value) for every `NAME=value` or `#NAME=value` line."""
+    entries: dict[str, tuple[bool, str]] = {}
+    for line in ENV_EXAMPLE.read_text().splitlines():
+        match = _LINE.match(line)
+        if match:
+            entries[match[2]] = (match[1] is None, match[3])
+    return entries
+
+
+def test_every_variable_is_in_the_env_example() -> None:
+    names = set(example_entries())
+    expected = {name.upper() for name in Settings.model_fields} | PLUGIN_AND_SERVER_VARS
+    assert sorted(expected - names) == []
+
+
+def test_every_variable_of_the_example_is_documented() -> None:
+    lines = ENV_EXAMPLE.read_text().splitlines()
+    for index, line in enumerate(lines):
+        if _LINE.match(line):
+            # A comment right above, or in the group of settings it belongs to.
+            above = [entry for entry in lines[max(0, index - 6) : index] if entry.startswith("# ")]
+            assert above, f"no comment near {line!r}"
+
+
+def test_the_example_is_a_valid_production_configuration() -> None:
+    """Filled in as shipped (placeholders for secrets), production accepts it."""
+    values = {name.lower(): value for name, (active, value) in example_entries().items() if active}
+    assert values["env"] == "production"
+    assert values["host"] == "127.0.0.1" and values["port"] == "8000"
+    assert values["db_name"] == "innova_db"
+    assert values["allowed_origins"] == "https://innovaplus.africa,https://www.innovaplus.africa"
+    assert "authSource=innova_db" in values["mongo_uri"] and "appuser" in values["mongo_uri"]
+    settings = Settings(
+        _env_file=None, **{k: v for k, v in values.items() if k.upper() in {n.upper() for n in Settings.model_fields}}
+    )
+    assert settings.problems() == []
+
+
+def test_the_install_instructions_give_owner_and_mode() -> None:
+    text = ENV_EXAMPLE.read_text()
+    assert "install -o root -g innova -m 640" in text
+    assert "/etc/innovaplus/backend.env" in text
+
+
+def _print_config(tmp_path: Path, **env: str) -> dict[str, str]:
+    gunicorn = find_tool("gunicorn")
+    if gunicorn is None:
+        pytest.skip("gunicorn is not installed (innova-server[production])")
+    result = subprocess.run(
+        [gunicorn, "--print-config", "--config", str(DEPLOY / "gunicorn.conf.py")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        env={"PATH": os.environ.get("PATH", ""), "TMPDIR": str(tmp_path), "MONGO_URI": "mongodb://127.0.0.1:9", **env},
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    config = {}
+    for line in result.stdout.splitlines():
+        name, sep, value = line.partition("=")
+        if sep:
+            config[name.strip()] = value.strip()
+    return config
+
+
+def test_gunicorn_accepts_the_config_with_production_defaults(tmp_path: Path) -> None:
+    config = _print_config(tmp_path)
+    assert config["bind"] == "['127.0.0.1:8000']"
+    assert config["worker_class"] == "uvicorn_worker.UvicornWorker"
+    assert config["wsgi_app"] == "innova_server.asgi:app"
+    assert int(config["workers"]) >= 2
+    assert config["forwarded_allow_ips"] == "['127.0.0.1', '::1']"
+    assert config["accesslog"] == "-" and config["errorlog"] == "-"
+    assert int(config["timeout"]) >= 30 and int(config["graceful_timeout"]) >= 10
+    assert config["preload_app"] == "False"
+    assert config["child_exit"] == "<child_exit()>"
+    assert not list(tmp_path.glob("innova-metrics-*"))  # checking the config leaves nothing behind
+
+
+def test_gunicorn_config_follows_the_environment(tmp_path: Path) -> None:
+    config = _print_config(tmp_path, WEB_CONCURRENCY="5", HOST="::1", PORT="8123", GUNICORN_TIMEOUT="90")
+    assert config["workers"] == "5"
+    assert config["bind"] == "['[::1]:8123']"
+    assert config["timeout"] == "90"
+
+
+def test_systemd_timeout_outlasts_the_graceful_stop() -> None:
+    unit = (DEPLOY / "systemd" / "innovaplus-backend.service").read_text()
+    stop = int(re.search(r"^TimeoutStopSec=(\d+)$", unit, re.M)[1])  # type: ignore[index]
+    graceful = int(re.search(r'"GUNICORN_GRACEFUL_TIMEOUT", (\d+)', (DEPLOY / "gunicorn.conf.py").read_text())[1])  # type: ignore[index]
+    assert stop > graceful
