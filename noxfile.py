@@ -26,6 +26,7 @@ TEST_DEPS = [
     "aiosmtpd>=1.4",
     "trustme>=1.1",
     "respx>=0.21",
+    "hypothesis>=6.100",
 ]
 
 
