@@ -20,12 +20,6 @@ UNIT=innovaplus-backend.service
 cd "$APP_DIR"
 log() { echo "remote-deploy: $*"; }
 
-if [[ ! -x .venv/bin/python ]]; then
-    log "creating $APP_DIR/.venv"
-    "$PYTHON" -m venv .venv
-fi
-.venv/bin/python -m pip install --quiet --upgrade pip
-
 plugins=()
 if [[ -r "$PLUGINS_FILE" ]]; then
     while read -r name _; do
@@ -45,6 +39,12 @@ for name in "${plugins[@]}"; do
     fi
     requirements+=("./packages/$name")
 done
+
+if [[ ! -x .venv/bin/python ]]; then
+    log "creating $APP_DIR/.venv"
+    "$PYTHON" -m venv .venv
+fi
+.venv/bin/python -m pip install --quiet --upgrade pip
 log "installing ${requirements[*]}"
 # Local directories are always rebuilt and reinstalled, so a new commit with
 # the same version number is picked up.

@@ -170,3 +170,22 @@ def test_wait_healthy_gives_up_after_the_bounded_retries() -> None:
     assert result.returncode == 1
     assert result.stdout.count("not healthy yet") == 3
     assert time.monotonic() - started < 30
+
+
+def test_remote_deploy_refuses_an_unknown_plugin_before_touching_anything(tmp_path: Path) -> None:
+    app = tmp_path / "backend"
+    (app / "packages").mkdir(parents=True)
+    for package in ("innova-server", "innova-provider-echo"):
+        (app / "packages" / package).symlink_to(DEPLOY.parent / "packages" / package)
+    plugins = tmp_path / "plugins.txt"
+    plugins.write_text("# chosen for PROVIDER=echo\ninnova-provider-echo\n\ninnova-provider-nope  # typo\n")
+    result = subprocess.run(
+        ["bash", str(DEPLOY / "scripts" / "remote-deploy.sh")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "APP_DIR": str(app), "PLUGINS_FILE": str(plugins), "SKIP_RESTART": "1"},
+    )
+    assert result.returncode == 1
+    assert "'innova-provider-nope'" in result.stderr and "not in packages/" in result.stderr
+    assert not (app / ".venv").exists()
