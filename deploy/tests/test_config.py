@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import re
 import subprocess
+from importlib.metadata import entry_points
 from pathlib import Path
 
 import pytest
 
-from innova_server.settings import Settings
+from innova_server.settings import PluginSettings, Settings
 
 from .conftest import DEPLOY, find_tool
 
@@ -26,6 +28,10 @@ PLUGIN_AND_SERVER_VARS = {
     "GUNICORN_TIMEOUT",
     "GUNICORN_GRACEFUL_TIMEOUT",
     "GUNICORN_KEEPALIVE",
+    # innova-mailer (MAILER=smtp)
+    "SMTP_TLS_MODE",
+    "SMTP_CA_FILE",
+    "SMTP_SEND_TIMEOUT_SECONDS",
 }
 _LINE = re.compile(r"^(#)?([A-Z][A-Z0-9_]*)=(.*)$")
 
@@ -40,10 +46,26 @@ def example_entries() -> dict[str, tuple[bool, str]]:
     return entries
 
 
+def installed_plugin_variables() -> set[str]:
+    """The variables of every installed plugin: its `PluginSettings` subclasses' fields."""
+    names: set[str] = set()
+    for entry_point in entry_points(group="innova"):
+        try:
+            module = entry_point.load()
+        except Exception:  # noqa: S112 - a broken plugin is the plugin tests' business
+            continue
+        for value in vars(module).values():
+            if inspect.isclass(value) and issubclass(value, PluginSettings) and value not in (PluginSettings, Settings):
+                names |= {field.upper() for field in value.model_fields}
+    return names
+
+
 def test_every_variable_is_in_the_env_example() -> None:
     names = set(example_entries())
     expected = {name.upper() for name in Settings.model_fields} | PLUGIN_AND_SERVER_VARS
     assert sorted(expected - names) == []
+    assert "ECHO_DELAY_MS" in installed_plugin_variables()  # the discovery below works
+    assert sorted(installed_plugin_variables() - names) == []
 
 
 def test_every_variable_of_the_example_is_documented() -> None:

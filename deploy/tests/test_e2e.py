@@ -45,6 +45,7 @@ WORKERS = 2
 @dataclass
 class Stack:
     https: str
+    https6: str | None
     http: str
     http6: str | None
     backend: str
@@ -54,9 +55,8 @@ class Stack:
     nginx_error_log: Path
 
     def client(self, **kwargs: Any) -> httpx.Client:
-        return httpx.Client(
-            base_url=self.https, verify=ssl.create_default_context(cafile=str(self.ca)), timeout=30, **kwargs
-        )
+        kwargs.setdefault("base_url", self.https)
+        return httpx.Client(verify=ssl.create_default_context(cafile=str(self.ca)), timeout=30, **kwargs)
 
     def logs(self) -> str:
         parts = []
@@ -141,6 +141,7 @@ def stack(mongo_uri: str, test_ca: TLSFiles, tmp_path_factory: pytest.TempPathFa
         wait_for_port(layout.http_port, process=nginx_process)
         yield Stack(
             https=f"https://127.0.0.1:{layout.https_port}",
+            https6=f"https://[::1]:{layout.https_port}" if ipv6 else None,
             http=f"http://127.0.0.1:{layout.http_port}",
             http6=f"http://[::1]:{layout.http_port}" if ipv6 else None,
             backend=backend,
@@ -171,6 +172,9 @@ def test_health_through_nginx(stack: Stack) -> None:
     assert response.http_version in ("HTTP/1.1", "HTTP/2")
     assert "max-age=" in response.headers["strict-transport-security"]
     assert "nginx/" not in response.headers.get("server", "")  # server_tokens off
+    if stack.https6:  # the IPv6 listener serves the same site
+        with stack.client(base_url=stack.https6) as client:
+            assert client.get("/health").json()["status"] == "ok"
 
 
 def test_the_deploy_health_poll_succeeds_through_nginx(stack: Stack) -> None:
