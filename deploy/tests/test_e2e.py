@@ -302,3 +302,20 @@ def test_gunicorn_stops_gracefully(tmp_path: Path, mongo_uri: str) -> None:
     assert process.returncode == 0, text[-3000:]
     assert "Shutting down: Master" in text
     assert not list(private_tmp.glob("innova-metrics-*"))
+
+
+def test_gunicorn_stops_with_status_3_on_a_configuration_error(tmp_path: Path, mongo_uri: str) -> None:
+    """What the unit's RestartPreventExitStatus=3 relies on: a bad env file
+    stops gunicorn (no respawn loop) with one line per problem in the journal."""
+    process, log = _start_gunicorn(
+        tmp_path, mongo_uri, free_port(), ENV="production", ALLOWED_ORIGINS="http://innovaplus.africa"
+    )
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        stop_process(process, signal.SIGTERM)
+        pytest.fail("gunicorn kept running with an unsafe production configuration")
+    text = log.read_text(errors="replace")
+    assert process.returncode == 3, text[-3000:]
+    assert "innova: configuration error: ALLOWED_ORIGINS contains 'http://innovaplus.africa'" in text
+    assert "innova: configuration error: COOKIE_SECURE" not in text  # only the real problems
