@@ -16,6 +16,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
+
 from innova_server.auth.tokens import hash_token
 from innova_server.mail import MailerError
 from innova_server.plugins import RegisterMailer, hookimpl
@@ -473,3 +474,4 @@ def test_production_refuses_the_console_mailer(make_settings):
         env="production", mailer="console", allowed_origins=["https://innovaplus.africa"], cookie_secure=True
     )
     assert any("console mailer" in line for line in settings.problems())
+

@@ -26,6 +26,8 @@ from datetime import timedelta
 from email.message import EmailMessage
 
 from bson import ObjectId
+from pymongo import ReturnDocument
+
 from innova_server import metrics
 from innova_server.auth.manager import ClientInfo
 from innova_server.auth.passwords import Passwords
@@ -38,7 +40,6 @@ from innova_server.mail import Mailer, MailerError
 from innova_server.mails import password_changed_mail, reset_mail
 from innova_server.ratelimit import RateLimiter, limit_key
 from innova_server.settings import Settings
-from pymongo import ReturnDocument
 
 log = logging.getLogger("innova.auth.recovery")
 

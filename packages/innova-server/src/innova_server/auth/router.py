@@ -7,6 +7,7 @@ full path (metrics and the deprecation `Link` header use the route template).
 from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response, status
+
 from innova_server.auth.cookies import clear_session_cookie, read_session_cookie, set_session_cookie
 from innova_server.auth.dependencies import ClientDep, CurrentUser, ServicesDep
 from innova_server.auth.recovery import FORGOT_ACCEPTED, RESET_DONE
