@@ -77,7 +77,11 @@ class Recorder:
     def authenticate(
         self, server: SMTP, session: Session, envelope: Envelope, mechanism: str, auth_data: Any
     ) -> AuthResult:
-        ok = isinstance(auth_data, LoginPassword) and auth_data.login.decode() == USER and auth_data.password.decode() == PASSWORD
+        ok = (
+            isinstance(auth_data, LoginPassword)
+            and auth_data.login.decode() == USER
+            and auth_data.password.decode() == PASSWORD
+        )
         login = auth_data.login.decode() if isinstance(auth_data, LoginPassword) else "?"
         with self.lock:
             self.logins.append((login, ok))

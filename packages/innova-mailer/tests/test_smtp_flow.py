@@ -63,7 +63,9 @@ def test_the_whole_flow_over_smtp(mode, start_peer, start_server, smtp_env, smtp
     server = start_server(**peer.settings(smtp_from_email="INNOVAPLUS <no-reply@innovaplus.test>"))
     email = "ada+smtp@example.com"
     with httpx.Client(base_url=server.url) as first, httpx.Client(base_url=server.url) as second:
-        assert first.post("/auth/register", json={"email": email, "password": PASSWORD, "name": "Ada"}).status_code == 201
+        assert (
+            first.post("/auth/register", json={"email": email, "password": PASSWORD, "name": "Ada"}).status_code == 201
+        )
         assert second.post("/auth/login", json={"email": email, "password": PASSWORD}).status_code == 200
         old_cookies = [first.cookies["innova_session"], second.cookies["innova_session"]]
 

@@ -60,7 +60,7 @@ class SMTPSettings(PluginSettings):
 
     smtp_tls_mode: TLSMode = "auto"
     smtp_ca_file: Path | None = None
-    smtp_send_timeout_seconds: float | None = Field(None, gt=0)
+    smtp_send_timeout_seconds: float | None = Field(default=None, gt=0)
 
 
 def resolve_security(use_tls: bool, port: int | None, mode: TLSMode = "auto") -> tuple[Security, int]:
@@ -103,7 +103,9 @@ class SMTPConfig:
             raise ConfigError(["MAILER=smtp needs SMTP_HOST (and SMTP_PORT, SMTP_USER, SMTP_PASS, SMTP_USE_TLS)."])
         security, port = resolve_security(settings.smtp_use_tls, settings.smtp_port, extra.smtp_tls_mode)
         password = settings.smtp_pass.get_secret_value() if settings.smtp_pass else None
-        sender = parseaddr(settings.smtp_sender)[1] if settings.smtp_sender else None
+        # A login that is not an address (`apikey`) is no envelope sender: then
+        # aiosmtplib takes it from the message's From header.
+        sender = parseaddr(settings.smtp_sender)[1] if settings.smtp_sender else ""
         problems: list[str] = []
         if settings.smtp_user and not password:
             problems.append("SMTP_USER is set but SMTP_PASS is empty.")
@@ -130,7 +132,7 @@ class SMTPConfig:
             security=security,
             username=settings.smtp_user,
             password=password,
-            sender=sender or None,
+            sender=sender if "@" in sender else None,
             timeout=timeout,
             send_timeout=extra.smtp_send_timeout_seconds or 3 * timeout,
             ca_file=extra.smtp_ca_file,
@@ -185,9 +187,7 @@ class SMTPMailer:
                 )
         except aiosmtplib.SMTPResponseException as exc:
             # The server answered with a refusal: its code and text (no credentials in it).
-            raise MailerError(
-                f"{self.where}: {type(exc).__name__} {exc.code} {self._scrub(exc.message)}"
-            ) from None
+            raise MailerError(f"{self.where}: {type(exc).__name__} {exc.code} {self._scrub(exc.message)}") from None
         except aiosmtplib.SMTPRecipientsRefused as exc:
             codes = ", ".join(str(error.code) for error in exc.recipients)
             raise MailerError(f"{self.where}: every recipient was refused ({codes})") from None
