@@ -156,7 +156,7 @@ class MailerConformance:
     async def test_delivers_long_and_non_ascii_content(self, mailer: Mailer, delivered: Delivered) -> None:
         before = len(delivered())
         message = password_changed_mail(
-            conformance_settings(), to="zoé@example.com".replace("é", "e"), name="Zoé 🌍", now=datetime.now(UTC)
+            conformance_settings(), to="zoe@example.com", name="Zoé 🌍", now=datetime.now(UTC)
         )
         # A line far beyond SMTP's 998-character limit, and characters outside Latin-1.
         long_message = EmailMessage()
