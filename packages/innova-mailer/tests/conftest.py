@@ -55,9 +55,18 @@ class Recorder:
     """aiosmtpd handler: records every delivery; may refuse it after reading it."""
 
     refuse: str | None = None
+    refuse_rcpt: bool = False
     deliveries: list[Delivery] = field(default_factory=list)
     logins: list[tuple[str, bool]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, rcpt_options: list[str]
+    ) -> str:
+        if self.refuse_rcpt:
+            return f"550 5.1.1 <{address}>: Recipient address rejected: User unknown"
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         transport = server.transport
@@ -157,10 +166,11 @@ def start_peer(server_tls_context: ssl.SSLContext) -> Iterator[Callable[..., Pee
         *,
         auth: bool = True,
         refuse: str | None = None,
+        refuse_rcpt: bool = False,
         tls_context: ssl.SSLContext | None = None,
     ) -> Peer:
         context = tls_context or server_tls_context
-        recorder = Recorder(refuse=refuse)
+        recorder = Recorder(refuse=refuse, refuse_rcpt=refuse_rcpt)
         kwargs: dict[str, Any] = {"hostname": "127.0.0.1", "port": free_port(), "ready_timeout": 10}
         if auth:
             kwargs.update(authenticator=recorder.authenticate, auth_required=True)

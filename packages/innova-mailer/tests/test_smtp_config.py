@@ -115,7 +115,7 @@ def test_plugin_settings_come_from_the_environment(monkeypatch, ca_file):
 
 
 async def test_a_server_echoing_the_password_is_scrubbed(start_peer, ca_file, smtp_password):
-    peer = start_peer("starttls", refuse=f"554 5.7.1 rejected for {smtp_password}")
+    peer = start_peer("starttls", refuse=f"554 5.7.1 <ada@example.com> rejected for {smtp_password}")
     mailer = SMTPMailer(
         SMTPConfig.from_settings(
             Settings(_env_file=None, env="test", **peer.settings()), SMTPSettings(smtp_ca_file=ca_file)
@@ -126,6 +126,7 @@ async def test_a_server_echoing_the_password_is_scrubbed(start_peer, ca_file, sm
         await mailer.send(message)
     assert smtp_password not in str(caught.value)
     assert "554" in str(caught.value) and "***" in str(caught.value)
+    assert "ada@example.com" not in str(caught.value) and "<address>" in str(caught.value)
     assert caught.value.__cause__ is None and caught.value.__suppress_context__
 
 

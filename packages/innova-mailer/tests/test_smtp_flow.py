@@ -167,6 +167,17 @@ def test_smtp_refusing_the_message(start_peer, start_server, smtp_env, smtp_pass
     assert "554" in caplog.text
 
 
+def test_smtp_refusing_the_recipient(start_peer, start_server, smtp_env, smtp_password, caplog):
+    caplog.set_level(logging.DEBUG)
+    peer = start_peer("starttls", refuse_rcpt=True)
+    smtp_env(peer)
+    server = start_server(**peer.settings())
+    # check_failure also asserts the (quoted by the server) address is not logged.
+    check_failure(server, "unknown-mailbox@example.com", caplog, [smtp_password])
+    assert "every recipient was refused (550)" in caplog.text
+    assert peer.deliveries == []
+
+
 def test_smtp_refusing_the_credentials(start_peer, start_server, smtp_env, caplog):
     caplog.set_level(logging.DEBUG)
     peer = start_peer("starttls")

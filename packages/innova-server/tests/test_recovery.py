@@ -129,6 +129,7 @@ def test_the_reset_mail(start_server):
     assert abs(message["Date"].datetime - datetime.now(UTC)) < timedelta(minutes=1)
     assert re.fullmatch(r"<[^@<>]+@innovaplus\.africa>", message["Message-ID"])
     assert message["Auto-Submitted"] == "auto-generated"
+    assert message["Content-Language"] == "fr"
 
     text = message.get_body(preferencelist=("plain",)).get_content()
     page = message.get_body(preferencelist=("html",)).get_content()

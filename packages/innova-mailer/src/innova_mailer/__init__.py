@@ -32,6 +32,7 @@ import asyncio
 import base64
 import ipaddress
 import logging
+import re
 import ssl
 from dataclasses import dataclass, field
 from email.message import EmailMessage
@@ -53,6 +54,9 @@ log = logging.getLogger("innova.mailer.smtp")
 TLSMode = Literal["auto", "implicit", "starttls", "none"]
 Security = Literal["implicit", "starttls", "none"]
 DEFAULT_PORTS: dict[Security, int] = {"implicit": 465, "starttls": 587, "none": 25}
+# Servers quote addresses in their replies ("<ada@example.com>: Recipient
+# address rejected"); error texts end up in logs, so addresses are masked.
+_ADDRESS = re.compile(r"[^\s<>()\[\]\"',;:]+@[^\s<>()\[\]\"',;:]+")
 
 
 class SMTPSettings(PluginSettings):
@@ -156,7 +160,7 @@ class SMTPMailer:
         return f"SMTP {self.config.host}:{self.config.port} ({self.config.security})"
 
     def _scrub(self, text: str) -> str:
-        """Remove every form of the password a server might echo, and bound the length."""
+        """Mask every form of the password a server might echo, and addresses; bound the length."""
         password = self.config.password
         if password:
             user = self.config.username or ""
@@ -167,6 +171,7 @@ class SMTPMailer:
             }
             for form in forms:
                 text = text.replace(form, "***")
+        text = _ADDRESS.sub("<address>", text)
         return " ".join(text.split())[:300]
 
     async def send(self, message: EmailMessage) -> None:

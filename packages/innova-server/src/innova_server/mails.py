@@ -54,6 +54,13 @@ def _base(settings: Settings, to: str, subject: str, now: datetime) -> EmailMess
     message["Date"] = format_datetime(now)
     message["Message-ID"] = make_msgid(domain=address.rsplit("@", 1)[1])
     message["Auto-Submitted"] = "auto-generated"
+    return message
+
+
+def _fill(message: EmailMessage, text: str, page: str) -> EmailMessage:
+    message.set_content(text)
+    message.add_alternative(page, subtype="html")
+    # After the parts: set_content() drops every Content-* header.
     message["Content-Language"] = "fr"
     return message
 
@@ -94,17 +101,14 @@ def reset_mail(settings: Settings, *, to: str, token: str, name: str | None, now
             f"{BRAND} ({html.escape(to)}).",
             f"Pour choisir un nouveau mot de passe, ouvrez ce lien (valable {minutes} minutes, une seule fois)&nbsp;:",
             f'<a href="{safe_link}">Choisir un nouveau mot de passe</a>',
-            f"Si le bouton ne fonctionne pas, copiez cette adresse dans votre navigateur&nbsp;:<br>"
+            f"Si le lien ne s'ouvre pas, copiez cette adresse dans votre navigateur&nbsp;:<br>"
             f'<span style="word-break:break-all">{safe_link}</span>',
             "Si vous n'êtes pas à l'origine de cette demande, ignorez ce message&nbsp;: "
             "votre mot de passe reste inchangé.",
             f"— L'équipe {BRAND}",
         ],
     )
-    message = _base(settings, to, subject, now)
-    message.set_content(text)
-    message.add_alternative(page, subtype="html")
-    return message
+    return _fill(_base(settings, to, subject, now), text, page)
 
 
 def password_changed_mail(settings: Settings, *, to: str, name: str | None, now: datetime) -> EmailMessage:
@@ -132,10 +136,7 @@ def password_changed_mail(settings: Settings, *, to: str, name: str | None, now:
             f"— L'équipe {BRAND}",
         ],
     )
-    message = _base(settings, to, subject, now)
-    message.set_content(text)
-    message.add_alternative(page, subtype="html")
-    return message
+    return _fill(_base(settings, to, subject, now), text, page)
 
 
 __all__ = ["BRAND", "password_changed_mail", "reset_link", "reset_mail", "sender_address"]
