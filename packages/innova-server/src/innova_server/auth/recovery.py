@@ -89,12 +89,12 @@ class RecoveryManager:
         )
         self.tasks.spawn("password_reset_mail", self.issue(email))
 
-    async def issue(self, email: str) -> str | None:
-        """Create a token for `email`'s account and mail the link; the raw token, or None without an account."""
+    async def issue(self, email: str) -> None:
+        """Create a token for `email`'s account, if there is one, and mail the link."""
         user = await self.users.by_email(email)
         if user is None:
             log.info("password reset requested for an address without an account")
-            return None
+            return
         token = new_token()
         now = utcnow()
         await self.tokens.insert_one(
@@ -110,7 +110,6 @@ class RecoveryManager:
         log.info("password reset token issued user_id=%s", user.id)
         message = reset_mail(self.settings, to=user.email, token=token, name=user.name, now=now)
         await self.deliver("password_reset", message, user_id=user.id)
-        return token
 
     # -- reset -----------------------------------------------------------
 
