@@ -20,7 +20,7 @@ nox.options.sessions = ["lint", "typecheck", "tests"]
 ROOT = Path(__file__).parent
 # Install order matters only for readability: the core first, then plugins.
 CORE = "packages/innova-server"
-PLUGINS = ["packages/innova-provider-echo"]
+PLUGINS = ["packages/innova-provider-echo", "packages/innova-mailer"]
 TEST_DEPS = [
     "pytest>=8",
     "pytest-asyncio>=0.24",

@@ -22,6 +22,8 @@ DOCUMENTED = {
     "/auth/register": {201, 409, 422, 429},
     "/auth/login": {200, 401, 422, 429},
     "/auth/logout": {204},
+    "/auth/forgot": {202, 422, 429},
+    "/auth/reset": {200, 400, 422},
 }
 
 

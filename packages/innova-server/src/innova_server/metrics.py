@@ -44,6 +44,10 @@ MONGO_COMMAND_FAILURES = Counter("innova_mongo_command_failures_total", "MongoDB
 MONGO_PING_SECONDS = Histogram("innova_mongo_ping_seconds", "Health-check ping time")
 MAIL_SENT = Counter("innova_mail_sent_total", "Mails handed to the mailer", ["kind"])
 MAIL_FAILURES = Counter("innova_mail_failures_total", "Mails the mailer failed to deliver", ["kind"])
+BACKGROUND_FAILURES = Counter(
+    "innova_background_failures_total", "Background tasks that ended with an error", ["task"]
+)
+PASSWORD_RESETS = Counter("innova_password_resets_total", "Password reset attempts by outcome", ["outcome"])
 CHAT_STREAMS = Counter("innova_chat_streams_total", "Chat replies by outcome", ["provider", "status"])
 CHAT_TOKENS = Counter("innova_chat_chunks_total", "Chunks streamed to clients", ["provider"])
 CHAT_ACTIVE = Gauge("innova_chat_active_streams", "Replies being streamed now", multiprocess_mode="livesum")

@@ -6,7 +6,9 @@ from dataclasses import dataclass
 
 from innova_server.auth.manager import AuthManager
 from innova_server.auth.passwords import Passwords
+from innova_server.auth.recovery import RecoveryManager
 from innova_server.auth.store import SessionStore, UserStore
+from innova_server.background import BackgroundTasks
 from innova_server.chat import ChatProvider
 from innova_server.db import Database
 from innova_server.mail import Mailer
@@ -26,9 +28,12 @@ class Services:
     model: str
     provider: ChatProvider
     mailer: Mailer
+    recovery: RecoveryManager
+    tasks: BackgroundTasks
 
     async def aclose(self) -> None:
         try:
+            await self.tasks.drain()  # mails being sent get a grace period
             await self.provider.aclose()
         finally:
             await self.db.close()
@@ -45,5 +50,10 @@ def build_services(settings: Settings, plugins: PluginRegistry, mongo_uri: str) 
         memory_cost=settings.argon2_memory_cost,
         parallelism=settings.argon2_parallelism,
     )
-    auth = AuthManager(settings, UserStore(db), SessionStore(db), passwords, limiter)
-    return Services(settings, db, limiter, auth, plugins, provider_entry, model, provider, mailer)
+    users, sessions = UserStore(db), SessionStore(db)
+    auth = AuthManager(settings, users, sessions, passwords, limiter)
+    tasks = BackgroundTasks()
+    recovery = RecoveryManager(settings, db, users, sessions, passwords, limiter, mailer, tasks)
+    return Services(
+        settings, db, limiter, auth, plugins, provider_entry, model, provider, mailer, recovery=recovery, tasks=tasks
+    )

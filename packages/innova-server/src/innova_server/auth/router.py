@@ -10,7 +10,8 @@ from fastapi import APIRouter, Request, Response, status
 
 from innova_server.auth.cookies import clear_session_cookie, read_session_cookie, set_session_cookie
 from innova_server.auth.dependencies import ClientDep, CurrentUser, ServicesDep
-from innova_server.auth.schemas import LoginIn, RegisterIn, UserEnvelope, UserOut
+from innova_server.auth.recovery import FORGOT_ACCEPTED, RESET_DONE
+from innova_server.auth.schemas import DetailOut, ForgotIn, LoginIn, RegisterIn, ResetIn, UserEnvelope, UserOut
 from innova_server.auth.store import UserRecord
 
 
@@ -43,10 +44,23 @@ async def me(user: CurrentUser) -> UserEnvelope:
     return user_out(user)
 
 
+async def forgot(body: ForgotIn, services: ServicesDep, client: ClientDep) -> DetailOut:
+    # Same answer for every address: the work happens in the background.
+    await services.recovery.forgot(body.email, client)
+    return DetailOut(detail=FORGOT_ACCEPTED)
+
+
+async def reset(body: ResetIn, services: ServicesDep) -> DetailOut:
+    await services.recovery.reset(body.token, body.email, body.password)
+    return DetailOut(detail=RESET_DONE)
+
+
 def build_router(prefix: str, *, deprecated: bool = False) -> APIRouter:
     router = APIRouter(prefix=prefix, tags=["auth"], deprecated=deprecated or None)
     router.add_api_route("/register", register, methods=["POST"], status_code=status.HTTP_201_CREATED)
     router.add_api_route("/login", login, methods=["POST"])
     router.add_api_route("/logout", logout, methods=["POST"], status_code=status.HTTP_204_NO_CONTENT)
     router.add_api_route("/me", me, methods=["GET"])
+    router.add_api_route("/forgot", forgot, methods=["POST"], status_code=status.HTTP_202_ACCEPTED)
+    router.add_api_route("/reset", reset, methods=["POST"])
     return router

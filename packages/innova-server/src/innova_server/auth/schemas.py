@@ -41,6 +41,21 @@ class LoginIn(Body):
     password: LoginPassword
 
 
+class ForgotIn(Body):
+    email: Email
+
+
+class ResetIn(Body):
+    # No length bound of its own: any string that is not a well-formed token
+    # (empty, short, 100 000 characters) is the contract's 400 `invalid_token`;
+    # the request body cap bounds it.
+    model_config = ConfigDict(str_max_length=None)
+
+    token: str
+    email: Email
+    password: Password
+
+
 class UserOut(BaseModel):
     id: str
     email: str

@@ -1,6 +1,8 @@
 """Test helpers for Innova and its plugins.
 
 - `registered(plugin)`: make a plugin object visible for the length of a block.
+- `MailerConformance` (`innova_server.testing.mailer_conformance`): the checks
+  a mailer plugin runs against itself; subclass it in your tests.
 - `innova_server.testing.fixtures`: pytest fixtures (a real MongoDB-wire
   server, settings, a live server on loopback); enable them with
   `pytest_plugins = ["innova_server.testing.fixtures"]` in a conftest.py.
@@ -8,6 +10,22 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from innova_server.plugins import registered
 
-__all__ = ["registered"]
+if TYPE_CHECKING:
+    from innova_server.testing.mailer_conformance import MailerConformance
+
+
+def __getattr__(name: str) -> Any:
+    # Imported on first use: the conformance classes need pytest, which
+    # `innova_server.testing.server` (used by the benchmarks) does not.
+    if name == "MailerConformance":
+        from innova_server.testing.mailer_conformance import MailerConformance
+
+        return MailerConformance
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["MailerConformance", "registered"]

@@ -1,0 +1,182 @@
+"""Password recovery: `forgot` issues a single-use link by mail, `reset` consumes it.
+
+`forgot` answers the same way, in about the same time, whether or not the
+address has an account: after the rate limits it only schedules the work
+(user lookup, token, mail) as a background task. The token is 256 random
+bits (`secrets.token_urlsafe(32)`); only its SHA-256 is stored, with
+`user_id`, `email`, `created_at`, `expires_at` and `used: false`.
+
+`reset` consumes the token with one `find_one_and_update` on
+`{token_hash, email, used: false, expires_at > now}`, so of two concurrent
+submissions exactly one wins. Then the new argon2 hash is stored, every
+session of the user is deleted, every other pending link of the user is
+voided, and a "your password was changed" mail goes out. It never logs in.
+
+Mail failures are logged (kind and user id, never the address, link, token,
+password or body) and counted (`innova_mail_failures_total{kind}`); the
+client never sees them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from datetime import timedelta
+from email.message import EmailMessage
+
+from bson import ObjectId
+from pymongo import ReturnDocument
+
+from innova_server import metrics
+from innova_server.auth.manager import ClientInfo
+from innova_server.auth.passwords import Passwords
+from innova_server.auth.store import SessionStore, UserStore, utcnow
+from innova_server.auth.tokens import hash_token, is_well_formed, new_token
+from innova_server.background import BackgroundTasks
+from innova_server.db import Database
+from innova_server.errors import AppError, ErrorCode
+from innova_server.mail import Mailer, MailerError
+from innova_server.mails import password_changed_mail, reset_mail
+from innova_server.ratelimit import RateLimiter, limit_key
+from innova_server.settings import Settings
+
+log = logging.getLogger("innova.auth.recovery")
+
+FORGOT_ACCEPTED = (
+    "Si un compte existe pour cette adresse, un e-mail contenant un lien de réinitialisation vient d'être envoyé."
+)
+RESET_DONE = "Mot de passe modifié. Connectez-vous avec le nouveau mot de passe."
+
+
+class RecoveryManager:
+    def __init__(
+        self,
+        settings: Settings,
+        db: Database,
+        users: UserStore,
+        sessions: SessionStore,
+        passwords: Passwords,
+        limiter: RateLimiter,
+        mailer: Mailer,
+        tasks: BackgroundTasks,
+    ) -> None:
+        self.settings = settings
+        self.tokens = db.password_reset_tokens
+        self.users = users
+        self.sessions = sessions
+        self.passwords = passwords
+        self.limiter = limiter
+        self.mailer = mailer
+        self.tasks = tasks
+
+    @property
+    def token_ttl(self) -> timedelta:
+        return timedelta(minutes=self.settings.reset_token_ttl_minutes)
+
+    @property
+    def mail_deadline(self) -> float:
+        """The core's own bound on one delivery, whatever the mailer does inside."""
+        return self.settings.smtp_timeout_seconds * 4
+
+    # -- forgot ----------------------------------------------------------
+
+    async def forgot(self, email: str, client: ClientInfo) -> None:
+        """Count the request against both limits, then do the rest in the background."""
+        await self.limiter.consume("forgot_ip", limit_key("forgot:ip", client.ip), self.settings.rate_limit_forgot_ip)
+        await self.limiter.consume(
+            "forgot_email", limit_key("forgot:email", email), self.settings.rate_limit_forgot_email
+        )
+        self.tasks.spawn("password_reset_mail", self.issue(email))
+
+    async def issue(self, email: str) -> None:
+        """Create a token for `email`'s account, if there is one, and mail the link."""
+        user = await self.users.by_email(email)
+        if user is None:
+            log.info("password reset requested for an address without an account")
+            return
+        token = new_token()
+        now = utcnow()
+        await self.tokens.insert_one(
+            {
+                "token_hash": hash_token(token),
+                "user_id": ObjectId(user.id),
+                "email": user.email,
+                "created_at": now,
+                "expires_at": now + self.token_ttl,
+                "used": False,
+            }
+        )
+        log.info("password reset token issued user_id=%s", user.id)
+        message = reset_mail(self.settings, to=user.email, token=token, name=user.name, now=now)
+        await self.deliver("password_reset", message, user_id=user.id)
+
+    # -- reset -----------------------------------------------------------
+
+    async def reset(self, token: str, email: str, password: str) -> None:
+        if not is_well_formed(token):  # garbage of any length never reaches the database
+            metrics.PASSWORD_RESETS.labels("invalid_token").inc()
+            raise AppError(ErrorCode.INVALID_TOKEN)
+        token_hash = hash_token(token)
+        now = utcnow()
+        claim = secrets.token_hex(16)
+        doc = await self.tokens.find_one_and_update(
+            {"token_hash": token_hash, "email": email, "used": False, "expires_at": {"$gt": now}},
+            {"$set": {"used": True, "used_at": now, "claim": claim}},
+            projection={"user_id": True},
+            return_document=ReturnDocument.AFTER,
+        )
+        if doc is None:
+            # Only our own claim can match: guards against a server that
+            # reports no document although this very update applied (DESIGN §2).
+            doc = await self.tokens.find_one({"token_hash": token_hash, "claim": claim}, {"user_id": True})
+        if doc is None:
+            metrics.PASSWORD_RESETS.labels("invalid_token").inc()
+            raise AppError(ErrorCode.INVALID_TOKEN)
+        user_id = str(doc["user_id"])
+        user = await self.users.by_id(user_id)
+        if user is None:  # account deleted since the link was sent
+            metrics.PASSWORD_RESETS.labels("invalid_token").inc()
+            raise AppError(ErrorCode.INVALID_TOKEN)
+        await self.users.set_password_hash(user_id, await self.passwords.hash(password))
+        revoked = await self.sessions.delete_all(user_id)
+        # Any other link mailed earlier dies with this one.
+        await self.tokens.update_many(
+            {"user_id": ObjectId(user_id), "used": False}, {"$set": {"used": True, "used_at": now}}
+        )
+        metrics.PASSWORD_RESETS.labels("ok").inc()
+        log.info("password reset done user_id=%s sessions_revoked=%d", user_id, revoked)
+        notice = password_changed_mail(self.settings, to=user.email, name=user.name, now=now)
+        self.tasks.spawn("password_changed_mail", self.deliver("password_changed", notice, user_id=user_id))
+
+    # -- delivery --------------------------------------------------------
+
+    async def deliver(self, kind: str, message: EmailMessage, *, user_id: str) -> bool:
+        """Hand `message` to the mailer; log and count a failure instead of raising."""
+        try:
+            async with asyncio.timeout(self.mail_deadline):
+                await self.mailer.send(message)
+        except MailerError as exc:
+            metrics.MAIL_FAILURES.labels(kind).inc()
+            # MailerError texts are written to be logged (no credentials, no body).
+            log.error("mail %s for user_id=%s not delivered: %s", kind, user_id, exc)
+            return False
+        except TimeoutError:
+            metrics.MAIL_FAILURES.labels(kind).inc()
+            log.error(
+                "mail %s for user_id=%s not delivered: mailer gave no answer in %.0fs",
+                kind,
+                user_id,
+                self.mail_deadline,
+            )
+            return False
+        except Exception as exc:
+            metrics.MAIL_FAILURES.labels(kind).inc()
+            # A mailer bug: its text may quote the message, so only the type.
+            log.error(
+                "mail %s for user_id=%s not delivered: unexpected %s from the mailer", kind, user_id, type(exc).__name__
+            )
+            return False
+        metrics.MAIL_SENT.labels(kind).inc()
+        log.info("mail %s for user_id=%s handed to the mailer", kind, user_id)
+        return True
