@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse
 from innova_server import __version__, health, metrics
 from innova_server.auth.legacy import LEGACY_PREFIX, LegacyAuthMiddleware
 from innova_server.auth.router import build_router as build_auth_router
+from innova_server.chatlaya.router import build_router as build_chat_router
 from innova_server.errors import ErrorCode, error_body, install_error_handlers
 from innova_server.guards import BodySizeLimitMiddleware, CSRFOriginMiddleware
 from innova_server.plugins import PluginRegistry
@@ -100,6 +101,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(metrics.router)
     app.include_router(build_auth_router("/auth"))
     app.include_router(build_auth_router(LEGACY_PREFIX, deprecated=True))
+    app.include_router(build_chat_router())
 
     # Added innermost first: requests pass Metrics → CORS → Legacy → CSRF → body cap.
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)

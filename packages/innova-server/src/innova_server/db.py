@@ -40,6 +40,9 @@ INDEXES: dict[str, list[IndexModel]] = {
             [("user_id", ASCENDING), ("archived", ASCENDING), ("updated_at", DESCENDING), ("_id", DESCENDING)],
             name="user_archived_updated",
         ),
+        # The conversation `POST /chatlaya/session` created, until archived: the
+        # unique key that makes its get-or-create atomic.
+        IndexModel([("session_key", ASCENDING)], unique=True, sparse=True, name="session_key_unique"),
     ],
     "messages": [
         IndexModel(
@@ -47,6 +50,7 @@ INDEXES: dict[str, list[IndexModel]] = {
             name="conversation_created",
         ),
     ],
+    "stream_slots": [IndexModel([("expires_at", ASCENDING)], expireAfterSeconds=0, name="expires_at_ttl")],
     "rate_limits": [
         IndexModel([("key", ASCENDING), ("window_start", ASCENDING)], unique=True, name="key_window_unique"),
         IndexModel([("expires_at", ASCENDING)], expireAfterSeconds=0, name="expires_at_ttl"),
@@ -100,6 +104,10 @@ class Database:
     @property
     def messages(self) -> AsyncCollection[Document]:
         return self.db["messages"]
+
+    @property
+    def stream_slots(self) -> AsyncCollection[Document]:
+        return self.db["stream_slots"]
 
     @property
     def rate_limits(self) -> AsyncCollection[Document]:

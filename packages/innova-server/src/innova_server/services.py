@@ -10,6 +10,8 @@ from innova_server.auth.recovery import RecoveryManager
 from innova_server.auth.store import SessionStore, UserStore
 from innova_server.background import BackgroundTasks
 from innova_server.chat import ChatProvider
+from innova_server.chatlaya.service import SLOT_LEASE, ChatService
+from innova_server.chatlaya.store import ConversationStore, MessageStore, StreamSlots
 from innova_server.db import Database
 from innova_server.mail import Mailer
 from innova_server.plugins import PluginRegistry, ProviderEntry
@@ -30,6 +32,7 @@ class Services:
     mailer: Mailer
     recovery: RecoveryManager
     tasks: BackgroundTasks
+    chat: ChatService
 
     async def aclose(self) -> None:
         try:
@@ -54,6 +57,27 @@ def build_services(settings: Settings, plugins: PluginRegistry, mongo_uri: str) 
     auth = AuthManager(settings, users, sessions, passwords, limiter)
     tasks = BackgroundTasks()
     recovery = RecoveryManager(settings, db, users, sessions, passwords, limiter, mailer, tasks)
+    chat = ChatService(
+        settings,
+        ConversationStore(db),
+        MessageStore(db),
+        StreamSlots(db, lease=SLOT_LEASE),
+        limiter,
+        provider_name=provider_entry.name,
+        model=model,
+        provider=provider,
+    )
     return Services(
-        settings, db, limiter, auth, plugins, provider_entry, model, provider, mailer, recovery=recovery, tasks=tasks
+        settings,
+        db,
+        limiter,
+        auth,
+        plugins,
+        provider_entry,
+        model,
+        provider,
+        mailer,
+        recovery=recovery,
+        tasks=tasks,
+        chat=chat,
     )

@@ -1,0 +1,114 @@
+"""HTTP routes of `/chatlaya/*`: thin, everything else is `ChatService`.
+
+The router carries its full prefix itself (`APIRouter(prefix="/chatlaya")`):
+metrics label requests by route template, which must be the full path.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Response, status
+from fastapi.exceptions import RequestValidationError
+
+from innova_server.auth.dependencies import CurrentUser, ServicesDep
+from innova_server.chatlaya.schemas import (
+    ConversationEnvelope,
+    ConversationOut,
+    ConversationPage,
+    ConversationPatch,
+    MessageIn,
+    MessageOut,
+    MessagePage,
+)
+from innova_server.chatlaya.sse import EventStreamResponse
+from innova_server.chatlaya.store import InvalidCursor
+
+PREFIX = "/chatlaya"
+
+Limit = Annotated[int, Query(ge=1, le=100)]
+Cursor = Annotated[str | None, Query(max_length=200)]
+
+
+def _bad_cursor(name: str, value: str) -> RequestValidationError:
+    error: dict[str, Any] = {"type": "value_error", "loc": ("query", name), "msg": "invalid cursor", "input": value}
+    return RequestValidationError([error])
+
+
+async def session(user: CurrentUser, services: ServicesDep) -> ConversationEnvelope:
+    return ConversationEnvelope(conversation=ConversationOut.of(await services.chat.session(user.id)))
+
+
+async def create_conversation(user: CurrentUser, services: ServicesDep) -> ConversationEnvelope:
+    return ConversationEnvelope(conversation=ConversationOut.of(await services.chat.create_conversation(user.id)))
+
+
+async def list_conversations(
+    user: CurrentUser, services: ServicesDep, limit: Limit = 20, cursor: Cursor = None, archived: bool = False
+) -> ConversationPage:
+    try:
+        items, next_cursor = await services.chat.list_conversations(
+            user.id, archived=archived, limit=limit, cursor=cursor
+        )
+    except InvalidCursor:
+        raise _bad_cursor("cursor", cursor or "") from None
+    return ConversationPage(items=[ConversationOut.of(item) for item in items], next_cursor=next_cursor)
+
+
+async def update_conversation(
+    conversation_id: str, body: ConversationPatch, user: CurrentUser, services: ServicesDep
+) -> ConversationEnvelope:
+    record = await services.chat.update_conversation(
+        user.id, conversation_id, title=body.title, archived=body.archived
+    )
+    return ConversationEnvelope(conversation=ConversationOut.of(record))
+
+
+async def delete_conversation(conversation_id: str, user: CurrentUser, services: ServicesDep) -> Response:
+    await services.chat.delete_conversation(user.id, conversation_id)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+async def list_messages(
+    user: CurrentUser,
+    services: ServicesDep,
+    conversation_id: Annotated[str | None, Query(max_length=64)] = None,
+    limit: Limit = 50,
+    before: Cursor = None,
+) -> MessagePage:
+    try:
+        items, next_cursor = await services.chat.list_messages(user.id, conversation_id, limit=limit, before=before)
+    except InvalidCursor:
+        raise _bad_cursor("before", before or "") from None
+    return MessagePage(items=[MessageOut.of(item) for item in items], next_cursor=next_cursor)
+
+
+async def send_message(body: MessageIn, user: CurrentUser, services: ServicesDep) -> EventStreamResponse:
+    turn = await services.chat.open_turn(user.id, body.content, body.conversation_id)
+    return EventStreamResponse(turn, ping_seconds=services.settings.chat_ping_seconds)
+
+
+def build_router() -> APIRouter:
+    router = APIRouter(prefix=PREFIX, tags=["chatlaya"])
+    router.add_api_route("/session", session, methods=["POST"])
+    router.add_api_route(
+        "/conversations", create_conversation, methods=["POST"], status_code=status.HTTP_201_CREATED
+    )
+    router.add_api_route("/conversations", list_conversations, methods=["GET"])
+    router.add_api_route("/conversations/{conversation_id}", update_conversation, methods=["PATCH"])
+    router.add_api_route(
+        "/conversations/{conversation_id}",
+        delete_conversation,
+        methods=["DELETE"],
+        status_code=status.HTTP_204_NO_CONTENT,
+        response_class=Response,
+    )
+    router.add_api_route("/messages", list_messages, methods=["GET"])
+    router.add_api_route(
+        "/message",
+        send_message,
+        methods=["POST"],
+        response_class=EventStreamResponse,
+        responses={200: {"content": {"text/event-stream": {}}, "description": "start, token…, done (DESIGN §5)"}},
+    )
+    return router

@@ -1,0 +1,427 @@
+"""Conversations, messages and stream slots in MongoDB, behind small typed interfaces.
+
+Every state change that must be atomic is a single MongoDB operation:
+
+- the "active conversation" get-or-create is an upsert on a unique sparse key
+  (`session_key`), so concurrent calls converge on one document;
+- a stream slot is a `$push` guarded by the array's length, so two workers can
+  never both take the last slot.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import secrets
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal
+
+from bson import ObjectId
+from pymongo import DESCENDING, ReturnDocument
+from pymongo.errors import DuplicateKeyError
+
+from innova_server.auth.store import object_id, utcnow
+from innova_server.db import Database, Document
+
+MessageStatus = Literal["complete", "incomplete", "error"]
+
+
+# -- records -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ConversationRecord:
+    id: str
+    user_id: str
+    title: str | None
+    title_set_by_user: bool
+    created_at: datetime
+    updated_at: datetime
+    archived: bool
+
+    @classmethod
+    def from_doc(cls, doc: Document) -> ConversationRecord:
+        return cls(
+            id=str(doc["_id"]),
+            user_id=str(doc["user_id"]),
+            title=doc.get("title"),
+            title_set_by_user=bool(doc.get("title_set_by_user", False)),
+            created_at=doc["created_at"],
+            updated_at=doc["updated_at"],
+            archived=bool(doc.get("archived", False)),
+        )
+
+
+@dataclass(frozen=True)
+class MessageRecord:
+    id: str
+    conversation_id: str
+    role: str
+    content: str
+    created_at: datetime
+    status: str
+    provider: str | None
+    model: str | None
+    finish_reason: str | None
+    usage: dict[str, int] | None
+
+    @classmethod
+    def from_doc(cls, doc: Document) -> MessageRecord:
+        return cls(
+            id=str(doc["_id"]),
+            conversation_id=str(doc["conversation_id"]),
+            role=doc["role"],
+            content=doc.get("content", ""),
+            created_at=doc["created_at"],
+            status=doc.get("status", "complete"),
+            provider=doc.get("provider"),
+            model=doc.get("model"),
+            finish_reason=doc.get("finish_reason"),
+            usage=doc.get("usage"),
+        )
+
+
+# -- keyset cursors ----------------------------------------------------------
+
+
+class InvalidCursor(ValueError):
+    pass
+
+
+def encode_cursor(when: datetime, oid: str) -> str:
+    """Opaque to clients, so the sort key can change without breaking them."""
+    millis = int(when.timestamp() * 1000)
+    return base64.urlsafe_b64encode(f"{millis}:{oid}".encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, ObjectId]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        millis_text, oid_text = raw.split(":", 1)
+        millis = int(millis_text)
+        when = datetime.fromtimestamp(millis / 1000, UTC)
+    except (ValueError, binascii.Error, UnicodeDecodeError, OverflowError, OSError):
+        raise InvalidCursor(cursor) from None
+    oid = object_id(oid_text)
+    if oid is None:
+        raise InvalidCursor(cursor)
+    return when, oid
+
+
+# -- conversations -----------------------------------------------------------
+
+
+class ConversationStore:
+    def __init__(self, db: Database) -> None:
+        self.collection = db.conversations
+
+    @staticmethod
+    def _new_doc(user_id: ObjectId, now: datetime) -> Document:
+        return {
+            "user_id": user_id,
+            "title": None,
+            "title_set_by_user": False,
+            "created_at": now,
+            "updated_at": now,
+            "archived": False,
+        }
+
+    async def create(self, user_id: str) -> ConversationRecord:
+        doc = self._new_doc(ObjectId(user_id), utcnow())
+        result = await self.collection.insert_one(doc)
+        doc["_id"] = result.inserted_id
+        return ConversationRecord.from_doc(doc)
+
+    async def get(self, user_id: str, conversation_id: str) -> ConversationRecord | None:
+        """The conversation if it exists *and* belongs to the user; invalid ids are simply absent."""
+        oid = object_id(conversation_id)
+        if oid is None:
+            return None
+        doc = await self.collection.find_one({"_id": oid, "user_id": ObjectId(user_id)})
+        return ConversationRecord.from_doc(doc) if doc else None
+
+    async def active(self, user_id: str) -> ConversationRecord | None:
+        doc = await self.collection.find_one(
+            {"user_id": ObjectId(user_id), "archived": False},
+            sort=[("updated_at", DESCENDING), ("_id", DESCENDING)],
+        )
+        return ConversationRecord.from_doc(doc) if doc else None
+
+    async def get_or_create_active(self, user_id: str) -> ConversationRecord:
+        """The most recently updated unarchived conversation, created if there is none.
+
+        Creation upserts on `session_key` (unique, sparse): whatever the
+        interleaving, concurrent callers that all saw "none" meet on one
+        document. The key is removed when that conversation is archived, so
+        the next call after archiving creates a fresh one.
+        """
+        found = await self.active(user_id)
+        if found is not None:
+            return found
+        key = {"session_key": user_id}
+        doc: Document | None
+        try:
+            doc = await self.collection.find_one_and_update(
+                key,
+                {"$setOnInsert": self._new_doc(ObjectId(user_id), utcnow())},
+                upsert=True,
+                return_document=ReturnDocument.AFTER,
+            )
+        except DuplicateKeyError:  # lost the insert race: the winner's document exists now
+            doc = None
+        if doc is None:  # also SecantusDB's concurrent-upsert quirk (DESIGN §2): re-read
+            doc = await self.collection.find_one(key)
+        if doc is None:  # archived between our upsert and the re-read: fall back on the newest
+            return await self.active(user_id) or await self.create(user_id)
+        return ConversationRecord.from_doc(doc)
+
+    async def touch(self, conversation: ConversationRecord, now: datetime, first_message: str | None) -> None:
+        """Move `updated_at`; set the automatic title if the conversation has none yet.
+
+        The title filter re-checks `title_set_by_user` in the same operation, so
+        a rename racing with the first message always wins.
+        """
+        oid = ObjectId(conversation.id)
+        if first_message is not None and conversation.title is None and not conversation.title_set_by_user:
+            result = await self.collection.update_one(
+                {"_id": oid, "title_set_by_user": {"$ne": True}},
+                {"$set": {"updated_at": now, "title": make_title(first_message)}},
+            )
+            if result.matched_count:
+                return
+        await self.collection.update_one({"_id": oid}, {"$set": {"updated_at": now}})
+
+    async def update(
+        self, user_id: str, conversation_id: str, *, title: str | None = None, archived: bool | None = None
+    ) -> ConversationRecord | None:
+        oid = object_id(conversation_id)
+        if oid is None:
+            return None
+        changes: dict[str, Any] = {"updated_at": utcnow()}
+        unset: dict[str, str] = {}
+        if title is not None:
+            changes["title"] = title
+            changes["title_set_by_user"] = True
+        if archived is not None:
+            changes["archived"] = archived
+            if archived:
+                unset["session_key"] = ""
+        update: dict[str, Any] = {"$set": changes}
+        if unset:
+            update["$unset"] = unset
+        doc = await self.collection.find_one_and_update(
+            {"_id": oid, "user_id": ObjectId(user_id)}, update, return_document=ReturnDocument.AFTER
+        )
+        return ConversationRecord.from_doc(doc) if doc else None
+
+    async def delete(self, user_id: str, conversation_id: str) -> bool:
+        oid = object_id(conversation_id)
+        if oid is None:
+            return False
+        result = await self.collection.delete_one({"_id": oid, "user_id": ObjectId(user_id)})
+        return result.deleted_count == 1
+
+    async def page(
+        self, user_id: str, *, archived: bool, limit: int, cursor: str | None
+    ) -> tuple[list[ConversationRecord], str | None]:
+        """Newest `updated_at` first; the cursor is the last item's `(updated_at, _id)`."""
+        query: dict[str, Any] = {"user_id": ObjectId(user_id), "archived": archived}
+        if cursor:
+            when, oid = decode_cursor(cursor)
+            query["$or"] = [{"updated_at": {"$lt": when}}, {"updated_at": when, "_id": {"$lt": oid}}]
+        docs = await (
+            self.collection.find(query)
+            .sort([("updated_at", DESCENDING), ("_id", DESCENDING)])
+            .limit(limit + 1)
+            .batch_size(limit + 1)
+            .to_list()
+        )
+        items = [ConversationRecord.from_doc(doc) for doc in docs[:limit]]
+        next_cursor = encode_cursor(items[-1].updated_at, items[-1].id) if len(docs) > limit else None
+        return items, next_cursor
+
+
+def make_title(text: str, limit: int = 60) -> str:
+    """The first words of `text`, cut at a word boundary, on one line."""
+    words = text.split()
+    title = ""
+    for word in words:
+        candidate = f"{title} {word}" if title else word
+        if len(candidate) > limit:
+            break
+        title = candidate
+    if not title:  # a single very long word
+        title = words[0][:limit] if words else ""
+    return title + ("…" if len(title) < len(" ".join(words)) else "")
+
+
+# -- messages ----------------------------------------------------------------
+
+
+class MessageStore:
+    def __init__(self, db: Database) -> None:
+        self.collection = db.messages
+
+    async def add(
+        self,
+        *,
+        conversation_id: str,
+        user_id: str,
+        role: str,
+        content: str,
+        created_at: datetime,
+        status: MessageStatus = "complete",
+        message_id: ObjectId | None = None,
+        provider: str | None = None,
+        model: str | None = None,
+        finish_reason: str | None = None,
+        usage: dict[str, int] | None = None,
+    ) -> MessageRecord:
+        doc: Document = {
+            "_id": message_id or ObjectId(),
+            "conversation_id": ObjectId(conversation_id),
+            "user_id": ObjectId(user_id),
+            "role": role,
+            "content": content,
+            "created_at": created_at,
+            "status": status,
+            "provider": provider,
+            "model": model,
+            "finish_reason": finish_reason,
+            "usage": usage,
+        }
+        await self.collection.insert_one(doc)
+        return MessageRecord.from_doc(doc)
+
+    async def delete(self, message_id: str) -> None:
+        await self.collection.delete_one({"_id": ObjectId(message_id)})
+
+    async def delete_conversation(self, conversation_id: str) -> int:
+        result = await self.collection.delete_many({"conversation_id": ObjectId(conversation_id)})
+        return result.deleted_count
+
+    async def recent(self, conversation_id: str, *, limit: int) -> list[MessageRecord]:
+        """The newest `limit` messages, newest first, in one round trip."""
+        docs = await (
+            self.collection.find(
+                {"conversation_id": ObjectId(conversation_id)},
+                projection={"user_id": 0},
+            )
+            .sort([("created_at", DESCENDING), ("_id", DESCENDING)])
+            .limit(limit)
+            .batch_size(limit)
+            .to_list()
+        )
+        return [MessageRecord.from_doc(doc) for doc in docs]
+
+    async def page(
+        self, conversation_id: str, *, limit: int, before: str | None
+    ) -> tuple[list[MessageRecord], str | None]:
+        """A page of messages oldest→newest; `next_cursor` pages toward older ones.
+
+        The cursor is the oldest item's `(created_at, _id)`: messages that arrive
+        while a client pages back are newer than anything it still has to
+        fetch, so the walk is complete and free of duplicates.
+        """
+        query: dict[str, Any] = {"conversation_id": ObjectId(conversation_id)}
+        if before:
+            when, oid = decode_cursor(before)
+            query["$or"] = [{"created_at": {"$lt": when}}, {"created_at": when, "_id": {"$lt": oid}}]
+        docs = await (
+            self.collection.find(query, projection={"user_id": 0})
+            .sort([("created_at", DESCENDING), ("_id", DESCENDING)])
+            .limit(limit + 1)
+            .batch_size(limit + 1)
+            .to_list()
+        )
+        newest_first = [MessageRecord.from_doc(doc) for doc in docs[:limit]]
+        next_cursor = None
+        if len(docs) > limit:
+            oldest = newest_first[-1]
+            next_cursor = encode_cursor(oldest.created_at, oldest.id)
+        return list(reversed(newest_first)), next_cursor
+
+
+# -- stream slots ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Slot:
+    key: str
+    id: str
+
+
+class StreamSlots:
+    """At most `capacity` concurrent streams per key, shared by every worker.
+
+    One document per key holds the live slots in an array, each with its own
+    lease. Taking a slot is one `$push` conditioned on the array being
+    shorter than the capacity; a slot left behind by a crashed worker expires
+    with its lease and is pruned on the next attempt that finds the array full.
+    """
+
+    def __init__(self, db: Database, *, lease: timedelta) -> None:
+        self.collection = db.stream_slots
+        self.lease = lease
+
+    async def acquire(self, key: str, capacity: int) -> Slot | None:
+        slot = Slot(key, secrets.token_hex(8))
+        for attempt in range(2):
+            if await self._try_push(slot, capacity):
+                return slot
+            if attempt == 0:
+                pruned = await self.collection.update_one(
+                    {"_id": key}, {"$pull": {"holders": {"expires_at": {"$lte": utcnow()}}}}
+                )
+                if not pruned.modified_count:
+                    return None
+        return None
+
+    async def _try_push(self, slot: Slot, capacity: int) -> bool:
+        expires_at = utcnow() + self.lease
+        try:
+            doc = await self.collection.find_one_and_update(
+                {"_id": slot.key, f"holders.{capacity - 1}": {"$exists": False}},
+                {"$push": {"holders": {"id": slot.id, "expires_at": expires_at}}, "$max": {"expires_at": expires_at}},
+                upsert=True,
+                return_document=ReturnDocument.AFTER,
+                projection={"_id": 1},
+            )
+        except DuplicateKeyError:  # the document exists and its array is full
+            return False
+        if doc is None:  # SecantusDB's concurrent-upsert quirk (DESIGN §2): check what happened
+            doc = await self.collection.find_one({"_id": slot.key, "holders.id": slot.id}, projection={"_id": 1})
+        return doc is not None
+
+    async def renew(self, slot: Slot) -> None:
+        expires_at = utcnow() + self.lease
+        await self.collection.update_one(
+            {"_id": slot.key, "holders.id": slot.id},
+            {"$set": {"holders.$.expires_at": expires_at}, "$max": {"expires_at": expires_at}},
+        )
+
+    async def release(self, slot: Slot) -> None:
+        await self.collection.update_one({"_id": slot.key}, {"$pull": {"holders": {"id": slot.id}}})
+
+    async def held(self, key: str) -> int:
+        doc = await self.collection.find_one({"_id": key, "holders": {"$exists": True}})
+        if not doc:
+            return 0
+        now = utcnow()
+        return sum(1 for holder in doc["holders"] if holder["expires_at"] > now)
+
+
+__all__ = [
+    "ConversationRecord",
+    "ConversationStore",
+    "InvalidCursor",
+    "MessageRecord",
+    "MessageStatus",
+    "MessageStore",
+    "Slot",
+    "StreamSlots",
+    "decode_cursor",
+    "encode_cursor",
+    "make_title",
+]

@@ -1,0 +1,54 @@
+"""The streamed reply (DESIGN §5) over a real connection, read with httpx-sse."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from bson import ObjectId
+
+from innova_server.testing.chat_client import chat, signed_in
+
+
+def test_event_sequence_and_payloads(server, db):
+    content = "Bonjour  Chatlaya,\ncomment ça va ? 🌍\t fin "
+    with signed_in(server.url) as client:
+        stream = chat(client, content)
+    assert stream.status == 200
+    assert stream.headers["content-type"].startswith("text/event-stream")
+    assert stream.headers["cache-control"] == "no-cache, no-transform"
+    assert stream.headers["x-accel-buffering"] == "no"
+    names = stream.names()
+    assert names[0] == "start" and names[-1] == "done"
+    assert set(names[1:-1]) == {"token"} and len(names) - 2 > 3
+    start, done = stream.data("start"), stream.data("done")
+    assert start["provider"] == "echo" and start["model"] == "echo"
+    assert ObjectId.is_valid(start["conversation_id"]) and ObjectId.is_valid(start["user_message_id"])
+    assert done["message_id"] == start["message_id"]
+    assert done["finish_reason"] == "stop"
+    assert done["usage"]["completion_tokens"] == len(names) - 2
+    assert stream.text() == content
+
+    stored = list(db.messages.find({"conversation_id": ObjectId(start["conversation_id"])}).sort("created_at", 1))
+    assert [m["role"] for m in stored] == ["user", "assistant"]
+    assert str(stored[0]["_id"]) == start["user_message_id"]
+    assert stored[0]["content"] == content
+    assert str(stored[1]["_id"]) == start["message_id"]
+    assert stored[1]["content"] == content
+    assert stored[1]["status"] == "complete"
+    assert stored[1]["provider"] == "echo" and stored[1]["finish_reason"] == "stop"
+    conversation = db.conversations.find_one({"_id": ObjectId(start["conversation_id"])})
+    assert conversation["title"].startswith("Bonjour Chatlaya,")
+
+
+def test_messages_endpoint_returns_the_turn(server):
+    with signed_in(server.url) as client:
+        stream = chat(client, "un deux trois")
+        conversation_id = stream.data("start")["conversation_id"]
+        page = client.get("/chatlaya/messages", params={"conversation_id": conversation_id}).json()
+    assert page["next_cursor"] is None
+    user, assistant = page["items"]
+    assert set(user) == {"id", "conversation_id", "role", "content", "created_at", "status", "provider", "model", "finish_reason"}
+    assert (user["role"], user["content"], user["status"]) == ("user", "un deux trois", "complete")
+    assert (assistant["role"], assistant["content"], assistant["status"]) == ("assistant", "un deux trois", "complete")
+    assert assistant["provider"] == "echo" and assistant["model"] == "echo" and assistant["finish_reason"] == "stop"
+    assert datetime.fromisoformat(assistant["created_at"]) >= datetime.fromisoformat(user["created_at"])
