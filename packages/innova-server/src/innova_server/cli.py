@@ -1,4 +1,4 @@
-"""The `innova` command: serve, check, db init, plugins.
+"""The `innova` command: serve, check, db init, plugins, chat.
 
 Configuration errors are printed one per line, without a traceback, and the
 command exits with status 2.
@@ -200,6 +200,73 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- chat ----------------------------------------------------------------------
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    """Stream one reply from the configured provider: no HTTP, no database.
+
+    For a deployer to try a provider (keys, model files, base URLs) on the
+    server itself, with the same settings the service will use.
+    """
+    import time
+
+    from innova_server.chat import ChatMessage, ChatRequest, ProviderError
+    from innova_server.plugins import PluginRegistry
+
+    overrides: dict[str, object] = {}
+    if args.provider:
+        overrides["provider"] = args.provider
+    if args.model:
+        overrides["chat_model"] = args.model
+    settings = load_settings(**overrides)
+    registry = PluginRegistry.load(settings)
+    entry, model, provider = registry.build_provider(settings)
+    system = settings.chat_system_prompt if args.system is None else args.system
+    messages = [ChatMessage("system", system)] if system else []
+    request = ChatRequest(
+        messages=[*messages, ChatMessage("user", args.question)],
+        model=model,
+        max_tokens=settings.chat_max_tokens,
+        temperature=settings.chat_temperature,
+    )
+
+    async def run() -> int:
+        started = time.monotonic()
+        first: float | None = None
+        finish_reason, usage, chunks = None, None, 0
+        stream = provider.stream(request)
+        try:
+            async for chunk in stream:
+                if chunk.text:
+                    first = first if first is not None else time.monotonic() - started
+                    chunks += 1
+                    sys.stdout.write(chunk.text)
+                    sys.stdout.flush()
+                finish_reason = chunk.finish_reason or finish_reason
+                usage = chunk.usage or usage
+        except ProviderError as error:
+            print(file=sys.stdout)
+            print(f"innova: {entry.name} failed ({error.code}, retryable={error.retryable}): {error.message}", file=sys.stderr)
+            return 1
+        finally:
+            aclose = getattr(stream, "aclose", None)
+            if aclose is not None:
+                await aclose()
+            await provider.aclose()
+        print()
+        summary = f"[{entry.name}/{model}] {chunks} chunks, finish_reason={finish_reason or 'stop'}"
+        if first is not None:
+            summary += f", first token {first * 1000:.0f} ms, total {(time.monotonic() - started) * 1000:.0f} ms"
+        if usage is not None:
+            summary += f", usage prompt={usage.prompt_tokens} completion={usage.completion_tokens}"
+        if not args.quiet:
+            print(summary, file=sys.stderr)
+        return 0
+
+    return asyncio.run(run())
+
+
 # -- entry point ---------------------------------------------------------------
 
 
@@ -225,6 +292,14 @@ def build_parser() -> argparse.ArgumentParser:
     plugins = commands.add_parser("plugins", help="list installed plugins")
     plugins.add_argument("--json", action="store_true")
     plugins.set_defaults(handler=cmd_plugins)
+
+    chat = commands.add_parser("chat", help="stream a reply from the configured provider (no HTTP, no database)")
+    chat.add_argument("question")
+    chat.add_argument("--provider", help="instead of PROVIDER")
+    chat.add_argument("--model", help="instead of CHAT_MODEL")
+    chat.add_argument("--system", help="system prompt (default: CHAT_SYSTEM_PROMPT; '' for none)")
+    chat.add_argument("-q", "--quiet", action="store_true", help="no summary line on stderr")
+    chat.set_defaults(handler=cmd_chat)
     return parser
 
 

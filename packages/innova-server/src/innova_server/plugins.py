@@ -224,6 +224,9 @@ class PluginRegistry:
 
     def provider_entry(self, name: str) -> ProviderEntry:
         entry = self.providers.get(name)
+        if entry is None and name in self.errors:
+            # The selected plugin is the broken one: its own error is the answer.
+            raise ConfigError([f"PROVIDER={name!r}: plugin {name!r} failed to load: {self.errors[name]}"])
         if entry is None:
             installed = ", ".join(sorted(self.providers)) or "none"
             raise ConfigError(
@@ -243,6 +246,8 @@ class PluginRegistry:
 
     def mailer_entry(self, name: str) -> MailerEntry:
         entry = self.mailers.get(name)
+        if entry is None and name in self.errors:
+            raise ConfigError([f"MAILER={name!r}: plugin {name!r} failed to load: {self.errors[name]}"])
         if entry is None:
             installed = ", ".join(sorted(self.mailers)) or "none"
             hint = " (install innova-mailer for SMTP)" if name == "smtp" else ""
