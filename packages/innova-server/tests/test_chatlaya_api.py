@@ -9,7 +9,6 @@ from datetime import datetime
 import httpx
 import pytest
 from bson import ObjectId
-
 from innova_server.testing.chat_client import chat, signed_in
 
 

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from innova_server.app import create_app
 from innova_server.chat import ChatChunk, ChatRequest, ProviderUnavailable
 from innova_server.plugins import PluginRegistry, RegisterProvider, hookimpl

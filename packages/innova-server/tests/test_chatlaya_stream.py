@@ -5,7 +5,6 @@ from __future__ import annotations
 from datetime import datetime
 
 from bson import ObjectId
-
 from innova_server.testing.chat_client import chat, signed_in
 
 

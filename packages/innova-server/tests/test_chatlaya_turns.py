@@ -17,7 +17,6 @@ import httpx
 import pytest
 from bson import ObjectId
 from httpx_sse import connect_sse
-
 from innova_server.chat import ChatChunk, ChatRequest, ProviderRateLimited, ProviderUnavailable, Usage
 from innova_server.plugins import RegisterProvider, hookimpl
 from innova_server.testing import registered

@@ -24,6 +24,7 @@ import logging
 import time
 from dataclasses import dataclass
 from datetime import timedelta
+
 from bson import ObjectId
 
 from innova_server import metrics
