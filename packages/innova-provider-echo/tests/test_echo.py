@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable
 
 import pytest
+
 from innova_provider_echo import EchoProvider, make_echo, split_words
 from innova_server.chat import ChatMessage, ChatProvider, ChatRequest
 from innova_server.plugins import PluginRegistry

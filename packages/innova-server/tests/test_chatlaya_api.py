@@ -9,6 +9,7 @@ from datetime import datetime
 import httpx
 import pytest
 from bson import ObjectId
+
 from innova_server.testing.chat_client import chat, signed_in
 
 

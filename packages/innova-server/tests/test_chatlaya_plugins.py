@@ -17,6 +17,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+
 from innova_server.app import create_app
 from innova_server.chat import ChatChunk, ChatRequest, ProviderUnavailable
 from innova_server.plugins import PluginRegistry, RegisterProvider, hookimpl
@@ -75,7 +76,9 @@ def test_a_broken_plugin_does_not_stop_the_server(plugin_dir, start_server):
 def test_selecting_the_broken_plugin_fails_startup_with_its_error(plugin_dir, make_settings):
     with pytest.raises(ConfigError) as info:
         create_app(make_settings(provider="brokenplug"))
-    assert info.value.lines == ["PROVIDER='brokenplug': plugin 'brokenplug' failed to load: ImportError: missing dependency: libfoo"]
+    assert info.value.lines == [
+        "PROVIDER='brokenplug': plugin 'brokenplug' failed to load: ImportError: missing dependency: libfoo"
+    ]
 
 
 def test_a_factory_that_raises_fails_startup_only_when_selected(plugin_dir, make_settings):
@@ -121,7 +124,8 @@ def test_asgi_entry_point_prints_one_line_and_exits_3_on_unknown_provider(plugin
         [sys.executable, "-c", "import innova_server.asgi"], env=env, capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 3
-    assert "innova: configuration error: PROVIDER='nope' is not installed. Installed providers: badfactory, echo." in result.stderr
+    expected = "innova: configuration error: PROVIDER='nope' is not installed. Installed providers: badfactory, echo."
+    assert expected in result.stderr
     assert "Traceback" not in result.stderr
 
 
@@ -175,7 +179,7 @@ class BlockingProvider:
     async def stream(self, request: ChatRequest) -> AsyncIterator[ChatChunk]:
         import time
 
-        time.sleep(0.5)  # blocking work on the event loop: forbidden
+        time.sleep(0.5)  # noqa: ASYNC251 - blocking the event loop is what this provider does wrong
         yield ChatChunk(text="late")
 
     async def aclose(self) -> None:

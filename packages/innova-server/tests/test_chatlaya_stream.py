@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 
 from bson import ObjectId
+
 from innova_server.testing.chat_client import chat, signed_in
 
 
@@ -46,7 +47,8 @@ def test_messages_endpoint_returns_the_turn(server):
         page = client.get("/chatlaya/messages", params={"conversation_id": conversation_id}).json()
     assert page["next_cursor"] is None
     user, assistant = page["items"]
-    assert set(user) == {"id", "conversation_id", "role", "content", "created_at", "status", "provider", "model", "finish_reason"}
+    fields = {"id", "conversation_id", "role", "content", "created_at", "status", "provider", "model", "finish_reason"}
+    assert set(user) == fields
     assert (user["role"], user["content"], user["status"]) == ("user", "un deux trois", "complete")
     assert (assistant["role"], assistant["content"], assistant["status"]) == ("assistant", "un deux trois", "complete")
     assert assistant["provider"] == "echo" and assistant["model"] == "echo" and assistant["finish_reason"] == "stop"

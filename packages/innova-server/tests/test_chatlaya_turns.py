@@ -17,6 +17,7 @@ import httpx
 import pytest
 from bson import ObjectId
 from httpx_sse import connect_sse
+
 from innova_server.chat import ChatChunk, ChatRequest, ProviderRateLimited, ProviderUnavailable, Usage
 from innova_server.plugins import RegisterProvider, hookimpl
 from innova_server.testing import registered
@@ -194,14 +195,13 @@ def test_provider_error_before_first_chunk_is_a_json_error(with_provider, db):
 def test_pings_during_silence_then_tokens(with_provider):
     probe = Probe()
     server = with_provider(SlowProvider(probe, delay=10, first_delay=0.7), chat_ping_seconds=0.2)
-    with signed_in(server.url) as client:
-        with client.stream("POST", "/chatlaya/message", json={"content": "x"}) as response:
-            assert response.status_code == 200
-            seen = ""
-            for text in response.iter_text():
-                seen += text
-                if "event: token" in seen:
-                    break
+    with signed_in(server.url) as client, client.stream("POST", "/chatlaya/message", json={"content": "x"}) as response:
+        assert response.status_code == 200
+        seen = ""
+        for text in response.iter_text():
+            seen += text
+            if "event: token" in seen:
+                break
     assert seen.startswith("event: start\ndata: {")
     assert seen.count(": ping\n\n") >= 1
     assert seen.index(": ping") < seen.index("event: token")
@@ -266,10 +266,8 @@ def test_stream_slots_hold_across_two_workers(with_provider, start_server, db):
     probe = Probe()
     first = with_provider(SlowProvider(probe, delay=0.05), chat_max_concurrent_streams=1)
     second = start_server(provider="testprov", chat_max_concurrent_streams=1)
-    with signed_in(first.url) as client:
-        with connect_sse(client, "POST", "/chatlaya/message", json={"content": "1"}) as one:
-            assert one.response.status_code == 200
-            other_worker = httpx.Client(base_url=second.url, cookies=client.cookies)
-            with other_worker:
-                refused = other_worker.post("/chatlaya/message", json={"content": "2"})
-            assert refused.status_code == 429
+    with signed_in(first.url) as client, connect_sse(client, "POST", "/chatlaya/message", json={"content": "1"}) as one:
+        assert one.response.status_code == 200
+        with httpx.Client(base_url=second.url, cookies=client.cookies) as other_worker:
+            refused = other_worker.post("/chatlaya/message", json={"content": "2"})
+        assert refused.status_code == 429

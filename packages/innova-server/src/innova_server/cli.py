@@ -247,7 +247,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
                 usage = chunk.usage or usage
         except ProviderError as error:
             print(file=sys.stdout)
-            print(f"innova: {entry.name} failed ({error.code}, retryable={error.retryable}): {error.message}", file=sys.stderr)
+            failure = f"{entry.name} failed ({error.code}, retryable={error.retryable}): {error.message}"
+            print(f"innova: {failure}", file=sys.stderr)
             return 1
         finally:
             aclose = getattr(stream, "aclose", None)

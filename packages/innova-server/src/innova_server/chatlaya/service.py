@@ -169,10 +169,10 @@ class ChatTurn:
                 with contextlib.suppress(Exception):
                     await aclose()
 
-    async def prime(self, timeout: float) -> None:
+    async def prime(self, wait_seconds: float) -> None:
         """Wait (bounded) for the provider's first item, so an early failure is an HTTP error."""
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout(wait_seconds):
                 self._pending.append(await self._queue.get())
         if self._pending and isinstance(self._pending[0], ProviderError):
             raise self._pending[0]
@@ -197,7 +197,7 @@ class ChatTurn:
             )
         ]
 
-    async def next_events(self, timeout: float) -> list[Event]:
+    async def next_events(self, silence_seconds: float) -> list[Event]:
         if self._finished:
             return []
         await self._renew_slot_if_due()
@@ -207,7 +207,7 @@ class ChatTurn:
             item = self._queue.get_nowait()
         else:
             try:
-                async with asyncio.timeout(timeout):
+                async with asyncio.timeout(silence_seconds):
                     item = await self._queue.get()
             except TimeoutError:
                 return []
@@ -290,7 +290,9 @@ class ChatTurn:
         pump.cancel()
         done, _ = await asyncio.wait({pump}, timeout=CANCEL_GRACE_SECONDS)
         if not done:
-            log.warning("provider %s did not stop within %.0fs of cancellation", self.context.provider, CANCEL_GRACE_SECONDS)
+            log.warning(
+                "provider %s did not stop within %.0fs of cancellation", self.context.provider, CANCEL_GRACE_SECONDS
+            )
 
     def _usage_dict(self) -> dict[str, int] | None:
         if self._usage is None:

@@ -51,8 +51,8 @@ class EventSource(Protocol):
         """Sent as soon as the headers are."""
         ...
 
-    async def next_events(self, timeout: float) -> list[Event]:
-        """The next events, or `[]` when `timeout` seconds passed in silence."""
+    async def next_events(self, silence_seconds: float) -> list[Event]:
+        """The next events, or `[]` when `silence_seconds` passed without any."""
         ...
 
     async def close(self) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 from httpx_sse import connect_sse
 
-PASSWORD = "correct horse battery"
+PASSWORD = "correct horse battery"  # noqa: S105 - a test account
 
 
 @contextlib.contextmanager

@@ -160,13 +160,13 @@ class ProviderConformance:
     def test_closing_the_iterator_stops_the_stream(self, make_provider: Callable[[], ChatProvider]) -> None:
         async def body(provider: ChatProvider) -> None:
             stream = provider.stream(self.make_request())
-            first = await asyncio.wait_for(anext(stream), self.reply_timeout)  # type: ignore[arg-type]
+            first = await asyncio.wait_for(anext(stream), self.reply_timeout)
             assert isinstance(first, ChatChunk)
             started = time.monotonic()
             await asyncio.wait_for(_close(stream), self.stop_timeout)
             assert time.monotonic() - started < self.stop_timeout
             with pytest.raises(StopAsyncIteration):
-                await anext(stream)  # type: ignore[arg-type]
+                await anext(stream)
             # The provider is still usable after a cancelled stream.
             again = await self._collect(provider, self.make_request())
             assert "".join(chunk.text for chunk in again)
