@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
+import httpx
 from bson import ObjectId
 
 from innova_server.testing.chat_client import chat, signed_in
@@ -38,6 +39,8 @@ def test_event_sequence_and_payloads(server, db):
     assert stored[1]["provider"] == "echo" and stored[1]["finish_reason"] == "stop"
     conversation = db.conversations.find_one({"_id": ObjectId(start["conversation_id"])})
     assert conversation["title"].startswith("Bonjour Chatlaya,")
+    # The stream's slot was given back when it completed.
+    assert [doc["holders"] for doc in db.stream_slots.find({})] == [[]]
 
 
 def test_messages_endpoint_returns_the_turn(server):
@@ -53,3 +56,12 @@ def test_messages_endpoint_returns_the_turn(server):
     assert (assistant["role"], assistant["content"], assistant["status"]) == ("assistant", "un deux trois", "complete")
     assert assistant["provider"] == "echo" and assistant["model"] == "echo" and assistant["finish_reason"] == "stop"
     assert datetime.fromisoformat(assistant["created_at"]) >= datetime.fromisoformat(user["created_at"])
+
+
+def test_openapi_documents_the_chat_routes(server):
+    with httpx.Client(base_url=server.url) as client:
+        schema = client.get("/openapi.json").json()
+    for path in ("/chatlaya/session", "/chatlaya/conversations", "/chatlaya/conversations/{conversation_id}",
+                 "/chatlaya/messages", "/chatlaya/message"):
+        assert path in schema["paths"]
+    assert "text/event-stream" in schema["paths"]["/chatlaya/message"]["post"]["responses"]["200"]["content"]

@@ -11,6 +11,7 @@ import json
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
@@ -271,3 +272,20 @@ def test_stream_slots_hold_across_two_workers(with_provider, start_server, db):
         with httpx.Client(base_url=second.url, cookies=client.cookies) as other_worker:
             refused = other_worker.post("/chatlaya/message", json={"content": "2"})
         assert refused.status_code == 429
+
+
+def test_a_slot_left_by_a_crashed_worker_expires(with_provider, db):
+    probe = Probe()
+    server = with_provider(SlowProvider(probe, delay=0.01), chat_max_concurrent_streams=1)
+    with signed_in(server.url) as client:
+        user_id = client.get("/auth/me").json()["user"]["id"]
+        stale = {"id": "crashed", "expires_at": datetime.now(UTC) - timedelta(seconds=1)}
+        db.stream_slots.insert_one({"_id": f"chat:{user_id}", "holders": [stale], "expires_at": stale["expires_at"]})
+        with connect_sse(client, "POST", "/chatlaya/message", json={"content": "x"}) as source:
+            assert source.response.status_code == 200
+            holders = db.stream_slots.find_one({"_id": f"chat:{user_id}"})["holders"]
+            assert [h["id"] for h in holders] != ["crashed"] and len(holders) == 1
+        live = {"id": "other-worker", "expires_at": datetime.now(UTC) + timedelta(minutes=5)}
+        wait_for(lambda: live_slots(db) == 0)
+        db.stream_slots.update_one({"_id": f"chat:{user_id}"}, {"$push": {"holders": live}})
+        assert chat(client, "y").status == 429  # a live slot of another worker still counts

@@ -108,6 +108,7 @@ def build_router() -> APIRouter:
         "/message",
         send_message,
         methods=["POST"],
+        status_code=status.HTTP_200_OK,  # FastAPI's OpenAPI cannot infer it from our response class
         response_class=EventStreamResponse,
         responses={200: {"content": {"text/event-stream": {}}, "description": "start, token…, done (DESIGN §5)"}},
     )

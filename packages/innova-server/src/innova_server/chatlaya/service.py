@@ -268,8 +268,11 @@ class ChatTurn:
         if self._finished:
             return
         self._finished = True
+        await self._stop_provider()
+        await asyncio.shield(self._undo())
+
+    async def _undo(self) -> None:
         try:
-            await self._stop_provider()
             await self._messages.delete(self.context.user_message_id)
         finally:
             metrics.CHAT_ACTIVE.dec()
@@ -305,11 +308,18 @@ class ChatTurn:
             await self._slots.renew(self.context.slot)
 
     async def _finish(self, status: MessageStatus, finish_reason: str) -> None:
-        """Write the assistant message (once) and give the slot back, whatever happens."""
+        """Write the assistant message (once) and give the slot back, whatever happens.
+
+        Shielded: a disconnect (or shutdown) that cancels the stream while
+        this runs must not lose the message or leak the slot.
+        """
         if self._finished:
             return
         self._finished = True
         self.status = status
+        await asyncio.shield(self._record(status, finish_reason))
+
+    async def _record(self, status: MessageStatus, finish_reason: str) -> None:
         context = self.context
         try:
             await self._messages.add(

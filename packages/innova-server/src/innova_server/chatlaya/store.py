@@ -198,7 +198,9 @@ class ConversationStore:
         oid = object_id(conversation_id)
         if oid is None:
             return None
-        changes: dict[str, Any] = {"updated_at": utcnow()}
+        # `updated_at` stays: it orders conversations by their last message,
+        # and renaming or archiving is not a message.
+        changes: dict[str, Any] = {}
         unset: dict[str, str] = {}
         if title is not None:
             changes["title"] = title
