@@ -181,6 +181,37 @@ def test_undocumented_exception_is_reported_as_provider_unavailable(with_provide
     assert "KeyError" in stream.data("error")["message"] and "bug" not in stream.data("error")["message"]
 
 
+class GarbageProvider:
+    """Breaks the protocol: yields a str, then (second instance) raises from `stream()` itself."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def stream(self, request: ChatRequest) -> AsyncIterator[ChatChunk]:
+        self.calls += 1
+        if self.calls > 1:
+            raise RuntimeError("not even an iterator")
+        return self._garbage()
+
+    async def _garbage(self) -> AsyncIterator[Any]:
+        yield ChatChunk(text="ok ")
+        yield "not a chunk"
+
+    async def aclose(self) -> None:
+        return None
+
+
+def test_a_provider_breaking_the_protocol_gets_a_clean_error(with_provider, db):
+    server = with_provider(GarbageProvider())
+    with signed_in(server.url) as client:
+        garbage = chat(client, "question")
+        assert garbage.names() == ["start", "token", "error", "done"]
+        assert garbage.data("error")["code"] == "provider_unavailable"
+        refused = chat(client, "question")  # raises before any chunk: a JSON error, no hang
+        assert refused.status == 503 and refused.body["detail"]["code"] == "provider_unavailable"
+    assert live_slots(db) == 0
+
+
 def test_provider_error_before_first_chunk_is_a_json_error(with_provider, db):
     server = with_provider(FailingProvider([], ProviderRateLimited(retry_after=7)))
     with signed_in(server.url) as client:

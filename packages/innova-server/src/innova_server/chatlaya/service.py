@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -150,9 +151,12 @@ class ChatTurn:
         metrics.CHAT_ACTIVE.inc()
 
     async def _run_provider(self) -> None:
-        iterator = self._provider.stream(self._request)
+        iterator: AsyncIterator[ChatChunk] | None = None
         try:
+            iterator = self._provider.stream(self._request)
             async for chunk in iterator:
+                if not isinstance(chunk, ChatChunk):
+                    raise TypeError(f"stream() yielded {type(chunk).__name__}, not ChatChunk")
                 await self._queue.put(chunk)
             await self._queue.put(_END)
         except ProviderError as error:
