@@ -11,9 +11,14 @@ model) runs in a thread, never on the event loop.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+import contextlib
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Literal, Protocol, runtime_checkable
+from typing import Literal, Protocol, TypeVar, cast, runtime_checkable
+
+T = TypeVar("T")
 
 Role = Literal["system", "user", "assistant"]
 FinishReason = Literal["stop", "length", "error", "cancelled"]
@@ -57,6 +62,73 @@ class ChatProvider(Protocol):
     async def aclose(self) -> None:
         """Release clients, threads, models. Safe to call twice."""
         ...
+
+
+# -- blocking producers ----------------------------------------------------
+
+_DONE = object()
+
+
+async def iterate_in_thread(make_iterator: Callable[[], Iterator[T]], *, max_buffer: int = 64) -> AsyncIterator[T]:
+    """Run a blocking iterator (a local model's token loop) in its own thread, as an async generator.
+
+    For providers whose work blocks: the event loop only ever awaits a queue.
+    Closing this generator (what the core does when the client leaves) sets a
+    flag the thread checks between two items, and the blocking iterator is
+    closed in its own thread — so a model stops after its current token.
+    `make_iterator` runs in the thread too (loading a model blocks as well).
+    Exceptions raised in the thread are re-raised here, unchanged. A
+    dedicated thread, not the default executor: a long generation must not
+    hold a slot that password hashing needs.
+
+    Inside a provider's own generator, wrap it in `contextlib.aclosing(...)`
+    so that closing the provider's stream closes this one at once::
+
+        async with contextlib.aclosing(iterate_in_thread(lambda: model.generate(prompt))) as tokens:
+            async for token in tokens:
+                yield ChatChunk(text=token)
+    """
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[tuple[object, BaseException | None]] = asyncio.Queue()
+    stop = threading.Event()
+    space = threading.Semaphore(max_buffer)  # back-pressure: a slow client slows the model
+
+    def deliver(item: object, error: BaseException | None = None) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is listening
+            loop.call_soon_threadsafe(queue.put_nowait, (item, error))
+
+    def work() -> None:
+        iterator: Iterator[T] | None = None
+        try:
+            iterator = make_iterator()
+            for item in iterator:
+                while not space.acquire(timeout=0.05):
+                    if stop.is_set():
+                        return
+                if stop.is_set():
+                    return
+                deliver(item)
+            deliver(_DONE)
+        except BaseException as error:
+            deliver(_DONE, error)
+        finally:
+            close = getattr(iterator, "close", None)
+            if close is not None:
+                with contextlib.suppress(Exception):
+                    close()
+
+    threading.Thread(target=work, name="innova-provider", daemon=True).start()
+    try:
+        while True:
+            item, error = await queue.get()
+            if item is _DONE:
+                if error is not None:
+                    raise error
+                return
+            space.release()
+            yield cast(T, item)
+    finally:
+        stop.set()
 
 
 # -- errors ---------------------------------------------------------------
@@ -143,4 +215,5 @@ __all__ = [
     "ProviderUnavailable",
     "Role",
     "Usage",
+    "iterate_in_thread",
 ]

@@ -1,0 +1,151 @@
+"""`iterate_in_thread`: how a provider with blocking work (a local model) streams and stops.
+
+A blocking "model" runs in a thread; closing the async side must stop it
+between two tokens and close it, and the event loop must stay free.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+
+import pytest
+
+from innova_server.chat import (
+    ChatChunk,
+    ChatProvider,
+    ChatRequest,
+    ProviderTimeout,
+    Usage,
+    iterate_in_thread,
+)
+from innova_server.testing import ErrorCase, ProviderConformance
+
+
+class BlockingModel:
+    """Generates tokens with blocking sleeps, like llama.cpp between two tokens."""
+
+    def __init__(self, tokens: int = 1000, seconds_per_token: float = 0.01, fail_after: int | None = None) -> None:
+        self.tokens = tokens
+        self.seconds = seconds_per_token
+        self.fail_after = fail_after
+        self.produced = 0
+        self.closed = threading.Event()
+        self.thread_names: set[str] = set()
+
+    def generate(self) -> Iterator[str]:
+        try:
+            for index in range(self.tokens):
+                self.thread_names.add(threading.current_thread().name)
+                if self.fail_after is not None and index == self.fail_after:
+                    raise ProviderTimeout("the model took too long")
+                time.sleep(self.seconds)  # blocking, on purpose
+                self.produced += 1
+                yield f"t{index} "
+        finally:
+            self.closed.set()
+
+
+class ThreadedProvider:
+    """A provider shaped like the local-model plugin: blocking work in a thread."""
+
+    def __init__(self, model: BlockingModel) -> None:
+        self.model = model
+
+    async def stream(self, request: ChatRequest) -> AsyncIterator[ChatChunk]:
+        count = 0
+        # aclosing: when the core closes *this* generator, the thread's is closed at once too.
+        async with contextlib.aclosing(iterate_in_thread(self.model.generate)) as tokens:
+            async for token in tokens:
+                count += 1
+                yield ChatChunk(text=token)
+        yield ChatChunk(finish_reason="stop", usage=Usage(len(request.messages), count))
+
+    async def aclose(self) -> None:
+        return None
+
+
+def test_tokens_arrive_from_a_thread_without_blocking_the_loop():
+    model = BlockingModel(tokens=20, seconds_per_token=0.01)
+
+    async def run() -> tuple[list[str], float]:
+        worst, last, stop = 0.0, time.monotonic(), asyncio.Event()
+
+        async def ticker() -> None:
+            nonlocal worst, last
+            while not stop.is_set():
+                await asyncio.sleep(0.002)
+                worst = max(worst, time.monotonic() - last)
+                last = time.monotonic()
+
+        tick = asyncio.create_task(ticker())
+        tokens = [token async for token in iterate_in_thread(model.generate)]
+        stop.set()
+        await tick
+        return tokens, worst
+
+    tokens, worst = asyncio.run(run())
+    assert tokens == [f"t{i} " for i in range(20)]
+    assert worst < 0.05
+    assert model.thread_names == {"innova-provider"}
+    assert model.closed.is_set()
+
+
+def test_closing_stops_the_thread_between_two_tokens():
+    model = BlockingModel(tokens=10_000, seconds_per_token=0.01)
+
+    async def run() -> None:
+        stream = iterate_in_thread(model.generate, max_buffer=4)
+        assert await anext(stream) == "t0 "
+        await stream.aclose()
+
+    asyncio.run(run())
+    assert model.closed.wait(2), "the blocking iterator was not closed"
+    produced = model.produced
+    time.sleep(0.2)
+    assert model.produced == produced < 50
+
+
+def test_back_pressure_bounds_what_runs_ahead():
+    model = BlockingModel(tokens=10_000, seconds_per_token=0.0)
+
+    async def run() -> None:
+        stream = iterate_in_thread(model.generate, max_buffer=8)
+        await anext(stream)
+        await asyncio.sleep(0.2)
+        assert model.produced <= 8 + 2
+        await stream.aclose()
+
+    asyncio.run(run())
+    assert model.closed.wait(2)
+
+
+def test_errors_in_the_thread_are_reraised_unchanged():
+    model = BlockingModel(tokens=10, seconds_per_token=0.0, fail_after=3)
+
+    async def run() -> list[str]:
+        tokens: list[str] = []
+        async for token in iterate_in_thread(model.generate):
+            tokens.append(token)
+        return tokens
+
+    with pytest.raises(ProviderTimeout, match="took too long"):
+        asyncio.run(run())
+
+
+class TestThreadedProviderConformance(ProviderConformance):
+    """The conformance suite holds for a blocking provider built on `iterate_in_thread`."""
+
+    @pytest.fixture
+    def make_provider(self) -> Callable[[], ChatProvider]:
+        return lambda: ThreadedProvider(BlockingModel(tokens=30, seconds_per_token=0.002))
+
+    def expected_reply(self, request: ChatRequest) -> str | None:
+        return "".join(f"t{i} " for i in range(30))
+
+    @pytest.fixture
+    def error_case(self) -> ErrorCase:
+        return ErrorCase(lambda: ThreadedProvider(BlockingModel(tokens=5, fail_after=2)), ProviderTimeout)
