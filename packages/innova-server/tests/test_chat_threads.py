@@ -1,4 +1,4 @@
-"""`iterate_in_thread`: how a provider with blocking work (a local model) streams and stops.
+"""Helpers for provider authors: `iterate_in_thread` (blocking work) and `error_for_status` (HTTP APIs).
 
 A blocking "model" runs in a thread; closing the async side must stop it
 between two tokens and close it, and the event loop must stay free.
@@ -18,9 +18,13 @@ from innova_server.chat import (
     ChatChunk,
     ChatProvider,
     ChatRequest,
+    ProviderError,
+    ProviderRateLimited,
     ProviderTimeout,
     Usage,
+    error_for_status,
     iterate_in_thread,
+    parse_retry_after,
 )
 from innova_server.testing import ErrorCase, ProviderConformance
 
@@ -149,3 +153,34 @@ class TestThreadedProviderConformance(ProviderConformance):
     @pytest.fixture
     def error_case(self) -> ErrorCase:
         return ErrorCase(lambda: ThreadedProvider(BlockingModel(tokens=5, fail_after=2)), ProviderTimeout)
+
+
+@pytest.mark.parametrize(
+    ("status", "expected", "retryable"),
+    [
+        (401, "provider_auth", False),
+        (403, "provider_auth", False),
+        (429, "provider_rate_limited", True),
+        (408, "provider_timeout", True),
+        (504, "provider_timeout", True),
+        (413, "context_too_long", False),
+        (500, "provider_unavailable", True),
+        (503, "provider_unavailable", True),
+        (400, "provider_unavailable", False),
+        (404, "provider_unavailable", False),
+    ],
+)
+def test_error_for_status_maps_http_statuses(status, expected, retryable):
+    error = error_for_status(status, retry_after=parse_retry_after("12"))
+    assert isinstance(error, ProviderError)
+    assert error.code == expected and error.retryable is retryable
+    if status == 429:
+        assert isinstance(error, ProviderRateLimited) and error.retry_after == 12.0
+    assert error_for_status(status, message="détail").message == "détail"
+
+
+def test_parse_retry_after():
+    assert parse_retry_after(" 3 ") == 3.0
+    assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT") is None
+    assert parse_retry_after("-1") is None
+    assert parse_retry_after(None) is None

@@ -200,6 +200,43 @@ class ProviderBusy(ProviderError):
     code: str = field(default="provider_busy", init=False)
 
 
+def error_for_status(status: int, *, retry_after: float | None = None, message: str | None = None) -> ProviderError:
+    """The documented error for an HTTP status from a provider's API (cloud SDKs, inference servers).
+
+    Chosen from the status, never from message text, which changes between
+    versions and languages. A 400 stays generic: whether it means "context
+    too long" is in the API's own error code, which the plugin checks first.
+    """
+    error: ProviderError
+    if status in (401, 403):
+        error = ProviderAuthError()
+    elif status == 429:
+        error = ProviderRateLimited(retry_after=retry_after)
+    elif status in (408, 504):
+        error = ProviderTimeout()
+    elif status == 413:
+        error = ContextTooLong()
+    elif status >= 500:
+        error = ProviderUnavailable()
+    else:
+        error = ProviderError(retryable=False)
+    if message:
+        error.message = message
+        error.args = (message,)
+    return error
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds from a `Retry-After` header given in seconds (dates are rare from APIs: None)."""
+    if value is None:
+        return None
+    try:
+        seconds = float(value.strip())
+    except ValueError:
+        return None
+    return seconds if seconds >= 0 else None
+
+
 __all__ = [
     "ChatChunk",
     "ChatMessage",
@@ -215,5 +252,7 @@ __all__ = [
     "ProviderUnavailable",
     "Role",
     "Usage",
+    "error_for_status",
     "iterate_in_thread",
+    "parse_retry_after",
 ]
