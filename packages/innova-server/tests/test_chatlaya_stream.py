@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 
 import httpx
@@ -65,3 +66,32 @@ def test_openapi_documents_the_chat_routes(server):
                  "/chatlaya/messages", "/chatlaya/message"):
         assert path in schema["paths"]
     assert "text/event-stream" in schema["paths"]["/chatlaya/message"]["post"]["responses"]["200"]["content"]
+
+
+def mongo_commands(client: httpx.Client) -> dict[str, float]:
+    text = client.get("/metrics").text
+    return {
+        match[1]: float(match[2])
+        for match in re.finditer(r'^innova_mongo_commands_total\{command="([^"]+)"\} (\S+)$', text, re.M)
+    }
+
+
+def test_database_round_trips_per_turn_do_not_grow_with_the_reply(server):
+    with signed_in(server.url) as client:
+        conversation_id = chat(client, "échauffement").data("start")["conversation_id"]
+
+        def per_turn(content: str) -> dict[str, float]:
+            before = mongo_commands(client)
+            for _ in range(3):
+                stream = chat(client, content, conversation_id)
+                assert stream.text() == content
+            after = mongo_commands(client)
+            return {
+                name: (count - before.get(name, 0)) / 3 for name, count in after.items() if count != before.get(name)
+            }
+
+        short = per_turn("un deux trois")
+        long = per_turn("mot " * 2000)
+    assert short == long
+    assert short["insert"] == 2  # the user message, and the assistant message once at the end
+    assert sum(short.values()) <= 10
