@@ -320,3 +320,20 @@ def test_a_slot_left_by_a_crashed_worker_expires(with_provider, db):
         wait_for(lambda: live_slots(db) == 0)
         db.stream_slots.update_one({"_id": f"chat:{user_id}"}, {"$push": {"holders": live}})
         assert chat(client, "y").status == 429  # a live slot of another worker still counts
+
+
+def test_disconnect_is_noticed_while_the_provider_is_silent(with_provider, db):
+    """No write is pending (the model is "thinking" for 30 s): the disconnect itself must stop it."""
+    probe = Probe()
+    server = with_provider(SlowProvider(probe, delay=30), chat_ping_seconds=60)
+    with signed_in(server.url) as client:
+        with connect_sse(client, "POST", "/chatlaya/message", json={"content": "x"}) as source:
+            events = source.iter_sse()
+            start = next(events)
+            assert next(events).event == "token"
+        left = time.monotonic()
+        assert probe.closed.wait(5), "the provider was not stopped"
+        assert time.monotonic() - left < 2
+        stored = wait_for(lambda: db.messages.find_one({"_id": ObjectId(json.loads(start.data)["message_id"])}))
+    assert stored["status"] == "incomplete" and stored["content"] == "w0 "
+    wait_for(lambda: live_slots(db) == 0)
