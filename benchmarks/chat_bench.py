@@ -43,8 +43,18 @@ from innova_server.testing.server import wait_until_healthy
 RESULTS = Path(__file__).parent / "results"
 PASSWORD = "correct horse battery"
 WORDS = [
-    "Chatlaya", "aide", "les", "entrepreneurs", "africains", "à",
-    "structurer", "leurs", "projets", "et", "leurs", "idées",
+    "Chatlaya",
+    "aide",
+    "les",
+    "entrepreneurs",
+    "africains",
+    "à",
+    "structurer",
+    "leurs",
+    "projets",
+    "et",
+    "leurs",
+    "idées",
 ]
 
 
@@ -70,9 +80,19 @@ def start_server(mongo_uri: str, port: int, db_name: str, **env: str) -> subproc
         **env,
     }
     command = [
-        sys.executable, "-m", "uvicorn", "innova_server.asgi:app",
-        "--host", "127.0.0.1", "--port", str(port), "--no-access-log", "--log-level", "warning",
-        "--backlog", "2048",
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "innova_server.asgi:app",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--no-access-log",
+        "--log-level",
+        "warning",
+        "--backlog",
+        "2048",
     ]
     return subprocess.Popen(command, env=environment)
 
@@ -192,9 +212,7 @@ async def concurrent_streams(url: str, server_pid: int, streams: int, users: int
     clients = [httpx.AsyncClient(base_url=url, cookies=c, limits=limits, timeout=120) for c in cookies]
     started_events = [asyncio.Event() for _ in range(streams)]
     t0 = time.perf_counter()
-    tasks = [
-        asyncio.create_task(one_turn(clients[i % users], content, started_events[i])) for i in range(streams)
-    ]
+    tasks = [asyncio.create_task(one_turn(clients[i % users], content, started_events[i])) for i in range(streams)]
     peak_rss, peak_active, all_open_s = rss_idle, 0.0, None
     cpu_before = worker.cpu_times()
     while not all(t.done() for t in tasks):

@@ -132,7 +132,10 @@ def test_asgi_entry_point_prints_one_line_and_exits_3_on_unknown_provider(plugin
 def test_innova_plugins_lists_errors(plugin_dir):
     result = subprocess.run(
         [sys.executable, "-m", "innova_server.cli", "plugins", "--json"],
-        env=cli_env(plugin_dir), capture_output=True, text=True, timeout=60,
+        env=cli_env(plugin_dir),
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 0, result.stderr
     plugins = {p["name"]: p for p in json.loads(result.stdout)}
@@ -145,7 +148,10 @@ def test_innova_chat_streams_an_echo_reply(plugin_dir):
     question = "Bonjour  Chatlaya\nça marche ? 🌍"
     result = subprocess.run(
         [sys.executable, "-m", "innova_server.cli", "chat", question],
-        env=cli_env(plugin_dir, ECHO_DELAY_MS="1"), capture_output=True, text=True, timeout=60,
+        env=cli_env(plugin_dir, ECHO_DELAY_MS="1"),
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout == question + "\n"
@@ -155,7 +161,10 @@ def test_innova_chat_streams_an_echo_reply(plugin_dir):
 def test_innova_chat_reports_startup_errors(plugin_dir):
     result = subprocess.run(
         [sys.executable, "-m", "innova_server.cli", "chat", "x", "--provider", "badfactory"],
-        env=cli_env(plugin_dir), capture_output=True, text=True, timeout=60,
+        env=cli_env(plugin_dir),
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == (

@@ -62,8 +62,13 @@ def test_messages_endpoint_returns_the_turn(server):
 def test_openapi_documents_the_chat_routes(server):
     with httpx.Client(base_url=server.url) as client:
         schema = client.get("/openapi.json").json()
-    for path in ("/chatlaya/session", "/chatlaya/conversations", "/chatlaya/conversations/{conversation_id}",
-                 "/chatlaya/messages", "/chatlaya/message"):
+    for path in (
+        "/chatlaya/session",
+        "/chatlaya/conversations",
+        "/chatlaya/conversations/{conversation_id}",
+        "/chatlaya/messages",
+        "/chatlaya/message",
+    ):
         assert path in schema["paths"]
     assert "text/event-stream" in schema["paths"]["/chatlaya/message"]["post"]["responses"]["200"]["content"]
 

@@ -277,9 +277,10 @@ def test_concurrent_stream_cap_is_429_and_per_user(with_provider, db):
     probe = Probe()
     server = with_provider(SlowProvider(probe, delay=0.05), chat_max_concurrent_streams=2)
     with signed_in(server.url) as alice, signed_in(server.url) as bob:
-        with connect_sse(alice, "POST", "/chatlaya/message", json={"content": "1"}) as one, connect_sse(
-            alice, "POST", "/chatlaya/message", json={"content": "2"}
-        ) as two:
+        with (
+            connect_sse(alice, "POST", "/chatlaya/message", json={"content": "1"}) as one,
+            connect_sse(alice, "POST", "/chatlaya/message", json={"content": "2"}) as two,
+        ):
             assert one.response.status_code == two.response.status_code == 200
             refused = chat(alice, "3")
             assert refused.status == 429

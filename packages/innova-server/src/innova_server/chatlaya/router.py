@@ -58,9 +58,7 @@ async def list_conversations(
 async def update_conversation(
     conversation_id: str, body: ConversationPatch, user: CurrentUser, services: ServicesDep
 ) -> ConversationEnvelope:
-    record = await services.chat.update_conversation(
-        user.id, conversation_id, title=body.title, archived=body.archived
-    )
+    record = await services.chat.update_conversation(user.id, conversation_id, title=body.title, archived=body.archived)
     return ConversationEnvelope(conversation=ConversationOut.of(record))
 
 
@@ -91,9 +89,7 @@ async def send_message(body: MessageIn, user: CurrentUser, services: ServicesDep
 def build_router() -> APIRouter:
     router = APIRouter(prefix=PREFIX, tags=["chatlaya"])
     router.add_api_route("/session", session, methods=["POST"])
-    router.add_api_route(
-        "/conversations", create_conversation, methods=["POST"], status_code=status.HTTP_201_CREATED
-    )
+    router.add_api_route("/conversations", create_conversation, methods=["POST"], status_code=status.HTTP_201_CREATED)
     router.add_api_route("/conversations", list_conversations, methods=["GET"])
     router.add_api_route("/conversations/{conversation_id}", update_conversation, methods=["PATCH"])
     router.add_api_route(
