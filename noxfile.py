@@ -109,4 +109,5 @@ def bench(session: nox.Session) -> None:
     """Benchmarks; figures go to benchmarks/results/ and stdout."""
     install_workspace(session, "embedded", "production")
     session.install("httpx>=0.27", "httpx-sse>=0.4", "psutil>=5.9")
-    session.run("python", "benchmarks/http_bench.py", *session.posargs)
+    session.run("python", "benchmarks/http_bench.py")
+    session.run("python", "benchmarks/chat_bench.py")
