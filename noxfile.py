@@ -21,6 +21,8 @@ ROOT = Path(__file__).parent
 # Install order matters only for readability: the core first, then plugins.
 CORE = "packages/innova-server"
 PLUGINS = ["packages/innova-provider-echo", "packages/innova-mailer"]
+# Providers that need llama-cpp-python for their tests; see `tests_models`.
+MODEL_PLUGINS = ["packages/innova-provider-smollm", "packages/innova-provider-cloud"]
 TEST_DEPS = [
     "pytest>=8",
     "pytest-asyncio>=0.24",
@@ -76,11 +78,30 @@ def install_workspace(session: nox.Session, *extras: str) -> None:
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    """All tests of every package, against a real SecantusDB (or TEST_MONGO_URI)."""
+    """All tests of every package, against a real SecantusDB (or TEST_MONGO_URI).
+
+    The model providers' tests need llama-cpp-python (compiled from source,
+    about 6 minutes the first time): they run in their own session,
+    `tests_models`, which this one queues after itself when run without arguments.
+    """
     install_workspace(session, "embedded", "production")
     session.install(*TEST_DEPS)
     ensure_system_tools(session)
-    session.run("pytest", *session.posargs)
+    if session.posargs:
+        session.run("pytest", *session.posargs)
+        return
+    session.run("pytest", *[f"--ignore={p}" for p in MODEL_PLUGINS])
+    if any((ROOT / p).exists() for p in MODEL_PLUGINS):
+        session.notify("tests_models")
+
+
+@nox.session
+def tests_models(session: nox.Session) -> None:
+    """Tests of the model providers (local SmolLM, cloud SDKs) with the real SmolLM2-135M model."""
+    present = [p for p in MODEL_PLUGINS if (ROOT / p).exists()]
+    install_workspace(session, "embedded", "production")
+    session.install(*[arg for p in present for arg in ("-e", f"{p}[test]")], *TEST_DEPS)
+    session.run("pytest", *(session.posargs or present))
 
 
 @nox.session
