@@ -1,0 +1,91 @@
+"""PROVIDER=local: a SmolLM GGUF model run inside the server process with llama-cpp-python.
+
+Nothing leaves the machine. The model is loaded once per process (each
+gunicorn worker holds its own copy: see README_SMOLLM.md), generation runs in
+a worker thread, and one generation runs at a time behind a FIFO queue.
+
+llama-cpp-python is imported only when `PROVIDER=local` builds the provider,
+so merely installing this package costs the other providers nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from innova_server.plugins import RegisterProvider, hookimpl
+from innova_server.settings import ConfigError, PluginSettings, Settings
+
+from innova_provider_smollm.model import LlamaOptions, ModelFileError, choose_model, find_models
+from innova_provider_smollm.provider import FifoSlot, SmolLMProvider
+
+log = logging.getLogger("innova.smollm")
+
+DEFAULT_MODEL_PATH = Path("backend/smollm-1.7b-instruct")
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (a container or `taskset` may allow fewer than the machine has)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+class SmolLMSettings(PluginSettings):
+    """`SMOLLM_*` variables; the reply length and temperature come from the core (`CHAT_MAX_TOKENS`, `CHAT_TEMPERATURE`)."""
+
+    smollm_model_path: Path = DEFAULT_MODEL_PATH
+    smollm_n_ctx: int = Field(2048, ge=64, description="context window in tokens (prompt + reply)")
+    smollm_n_threads: int | None = Field(None, ge=1, description="llama.cpp threads; default: the CPUs available")
+    smollm_n_batch: int = Field(512, ge=1, description="prompt tokens evaluated per llama.cpp batch")
+    smollm_load: Literal["startup", "lazy"] = "startup"
+    smollm_max_queue: int = Field(4, ge=0, description="requests that may wait behind the running one")
+
+    def llama_options(self) -> LlamaOptions:
+        return LlamaOptions(
+            n_ctx=self.smollm_n_ctx,
+            n_threads=self.smollm_n_threads or available_cpus(),
+            n_batch=self.smollm_n_batch,
+        )
+
+
+def make_local(settings: Settings) -> SmolLMProvider:
+    """Build the provider; a missing model, a bad `CHAT_MODEL` or a model without chat template stops the start."""
+    try:
+        plugin_settings = SmolLMSettings()
+        models = find_models(plugin_settings.smollm_model_path)
+        name, path = choose_model(models, settings.chat_model)
+        provider = SmolLMProvider(
+            path,
+            plugin_settings.llama_options(),
+            name=name,
+            load=plugin_settings.smollm_load,
+            max_queue=plugin_settings.smollm_max_queue,
+        )
+    except ModelFileError as exc:
+        raise ConfigError([f"PROVIDER='local': {exc}"]) from exc
+    log.info(
+        "local model %s (%s), n_ctx=%d, n_threads=%d, load=%s",
+        name, path, provider.options.n_ctx, provider.options.n_threads, plugin_settings.smollm_load,
+    )  # fmt: skip
+    return provider
+
+
+@hookimpl
+def innova_register_providers(register: RegisterProvider) -> None:
+    # The models are the GGUF files found now (a directory listing, cheap), so
+    # `innova plugins` shows them and the core checks CHAT_MODEL against them.
+    # A missing path is reported by the factory, only if PROVIDER=local.
+    try:
+        models = tuple(find_models(SmolLMSettings().smollm_model_path))
+    except Exception:
+        models = ()
+    register("local", make_local, models=models, default_model=models[0] if models else None)
+
+
+__all__ = ["FifoSlot", "SmolLMProvider", "SmolLMSettings", "innova_register_providers", "make_local"]

@@ -1,0 +1,167 @@
+"""PROVIDER=local through the real HTTP/SSE path, the real server and database, and the real 135M model."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from bson import ObjectId
+from httpx_sse import connect_sse
+
+from innova_provider_smollm.provider import SmolLMProvider
+from innova_server.testing.chat_client import Stream, chat, signed_in
+
+MODEL = "SmolLM2-135M-Instruct.Q4_1"
+LONG = "Count from 1 to 300, one number per line."
+
+
+@pytest.fixture
+def local_server(start_server: Callable[..., Any], local_env: Path) -> Callable[..., Any]:
+    def start(**overrides: Any) -> Any:
+        values: dict[str, Any] = {"provider": "local", "chat_max_tokens": 24, "chat_temperature": 0.0}
+        return start_server(**{**values, **overrides})
+
+    return start
+
+
+def provider_of(server: Any) -> SmolLMProvider:
+    provider = server.services.provider
+    assert isinstance(provider, SmolLMProvider)
+    return provider
+
+
+def wait_for(condition: Callable[[], Any], timeout: float = 10.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.01)
+    raise AssertionError("condition not met in time")
+
+
+def test_a_reply_streams_in_several_tokens_and_is_stored(local_server: Callable[..., Any], db: Any) -> None:
+    server = local_server()
+    assert provider_of(server).loaded  # SMOLLM_LOAD=startup: loaded before the first request
+    with signed_in(server.url) as client:
+        stream = chat(client, "Bonjour ! Présente-toi en une phrase.")
+    assert stream.status == 200, stream.body
+    names = stream.names()
+    assert names[0] == "start" and names[-1] == "done" and names.count("token") >= 3
+    start, done = stream.data("start"), stream.data("done")
+    assert start["provider"] == "local" and start["model"] == MODEL
+    assert done["finish_reason"] in ("stop", "length")
+    usage = done["usage"]
+    assert usage["prompt_tokens"] > 5 and 3 <= usage["completion_tokens"] <= 24
+    stored = db.messages.find_one({"_id": ObjectId(start["message_id"])})
+    assert stored["status"] == "complete" and stored["content"] == stream.text() and stream.text().strip()
+    assert stored["provider"] == "local" and stored["model"] == MODEL
+
+
+def test_two_concurrent_requests_are_served_one_after_the_other(local_server: Callable[..., Any]) -> None:
+    server = local_server(chat_max_tokens=40)
+    spans: dict[str, tuple[float, float]] = {}
+    results: dict[str, Stream] = {}
+
+    def one(name: str) -> None:
+        with signed_in(server.url) as client:
+            first: float | None = None
+            with connect_sse(client, "POST", "/chatlaya/message", json={"content": LONG}) as source:
+                assert source.response.status_code == 200
+                stream = Stream(200, source.response.headers)
+                for sse in source.iter_sse():
+                    if sse.event == "token" and first is None:
+                        first = time.monotonic()
+                    stream.events.append((sse.event, json.loads(sse.data)))
+            assert first is not None
+            spans[name], results[name] = (first, time.monotonic()), stream
+
+    threads = [threading.Thread(target=one, args=(name,)) for name in "ab"]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert set(results) == {"a", "b"}
+    for stream in results.values():
+        assert stream.names()[-1] == "done" and stream.data("done")["finish_reason"] == "length"
+        assert stream.data("done")["usage"]["completion_tokens"] == 40
+    (first_start, first_end), (second_start, _) = sorted(spans.values())
+    # The second reply's first token comes after the first reply is whole.
+    assert second_start >= first_end - 0.05
+
+
+def test_a_full_queue_answers_503_provider_busy_with_retry_after(local_server: Callable[..., Any], db: Any) -> None:
+    server = local_server(chat_max_tokens=300)
+    provider_of(server).max_queue = 0
+    with signed_in(server.url) as client:
+        with connect_sse(client, "POST", "/chatlaya/message", json={"content": LONG}) as source:
+            assert source.response.status_code == 200
+            events = source.iter_sse()
+            next(events), next(events)  # start, first token: the model is busy
+            with signed_in(server.url) as other:
+                busy = other.post("/chatlaya/message", json={"content": "Bonjour"})
+                assert busy.status_code == 503, busy.text
+                assert busy.json()["detail"]["code"] == "provider_busy"
+                assert int(busy.headers["retry-after"]) >= 1
+    # The refused request left no message behind: only the first user's question.
+    wait_for(lambda: db.messages.count_documents({"role": "assistant"}) == 1)
+    assert db.messages.count_documents({"role": "user"}) == 1
+
+
+def test_a_disconnect_stops_the_generation_and_the_next_request_starts_at_once(
+    local_server: Callable[..., Any], db: Any
+) -> None:
+    server = local_server(chat_max_tokens=400)
+    provider = provider_of(server)
+    with signed_in(server.url) as client:
+        with connect_sse(client, "POST", "/chatlaya/message", json={"content": LONG}) as source:
+            assert source.response.status_code == 200
+            events = [json.loads(sse.data) for sse, _ in zip(source.iter_sse(), range(4), strict=False)]
+        # Gone after 3 tokens of 400: the slot is free within a token or two.
+        left = time.monotonic()
+        wait_for(lambda: not provider._slot.held, timeout=2)
+        assert time.monotonic() - left < 1.0
+        started = time.monotonic()
+        stream = chat(client, "Bonjour")
+        assert stream.status == 200 and stream.names()[-1] == "done"
+        stored = wait_for(lambda: db.messages.find_one({"_id": ObjectId(events[0]["message_id"]), "status": "incomplete"}))
+    assert stored["finish_reason"] == "cancelled"
+    # The new reply did not wait for the abandoned one's 400 tokens.
+    assert time.monotonic() - started < 5
+
+
+def test_health_stays_fast_during_a_generation(local_server: Callable[..., Any]) -> None:
+    server = local_server(chat_max_tokens=300)
+    with signed_in(server.url) as client:
+        with connect_sse(client, "POST", "/chatlaya/message", json={"content": LONG}) as source:
+            events = source.iter_sse()
+            next(events), next(events)
+            slowest = 0.0
+            with httpx.Client(base_url=server.url, timeout=5) as probe:
+                for _ in range(10):
+                    started = time.monotonic()
+                    assert probe.get("/health").status_code == 200
+                    slowest = max(slowest, time.monotonic() - started)
+                    next(events)  # the reply is still streaming meanwhile
+            assert provider_of(server)._slot.held
+    assert slowest < 0.5, f"/health took {slowest:.3f}s during a generation"
+
+
+def test_innova_chat_with_the_local_provider(local_env: Path, tmp_path: Path) -> None:
+    env = {**os.environ, "PROVIDER": "local", "CHAT_MAX_TOKENS": "8", "CHAT_TEMPERATURE": "0", "ENV": "test"}
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "innova"), "chat", "Bonjour !"],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip()
+    assert f"[local/{MODEL}]" in result.stderr and "usage prompt=" in result.stderr
