@@ -94,7 +94,7 @@ def test_two_concurrent_requests_are_served_one_after_the_other(local_server: Ca
     for stream in results.values():
         assert stream.names()[-1] == "done" and stream.data("done")["finish_reason"] == "length"
         assert stream.data("done")["usage"]["completion_tokens"] == 40
-    (first_start, first_end), (second_start, _) = sorted(spans.values())
+    (_, first_end), (second_start, _) = sorted(spans.values())
     # The second reply's first token comes after the first reply is whole.
     assert second_start >= first_end - 0.05
 
@@ -102,16 +102,18 @@ def test_two_concurrent_requests_are_served_one_after_the_other(local_server: Ca
 def test_a_full_queue_answers_503_provider_busy_with_retry_after(local_server: Callable[..., Any], db: Any) -> None:
     server = local_server(chat_max_tokens=300)
     provider_of(server).max_queue = 0
-    with signed_in(server.url) as client:
-        with connect_sse(client, "POST", "/chatlaya/message", json={"content": LONG}) as source:
-            assert source.response.status_code == 200
-            events = source.iter_sse()
-            next(events), next(events)  # start, first token: the model is busy
-            with signed_in(server.url) as other:
-                busy = other.post("/chatlaya/message", json={"content": "Bonjour"})
-                assert busy.status_code == 503, busy.text
-                assert busy.json()["detail"]["code"] == "provider_busy"
-                assert int(busy.headers["retry-after"]) >= 1
+    with (
+        signed_in(server.url) as client,
+        connect_sse(client, "POST", "/chatlaya/message", json={"content": LONG}) as source,
+    ):
+        assert source.response.status_code == 200
+        events = source.iter_sse()
+        next(events), next(events)  # start, first token: the model is busy
+        with signed_in(server.url) as other:
+            busy = other.post("/chatlaya/message", json={"content": "Bonjour"})
+            assert busy.status_code == 503, busy.text
+            assert busy.json()["detail"]["code"] == "provider_busy"
+            assert int(busy.headers["retry-after"]) >= 1
     # The refused request left no message behind: only the first user's question.
     wait_for(lambda: db.messages.count_documents({"role": "assistant"}) == 1)
     assert db.messages.count_documents({"role": "user"}) == 1
@@ -133,7 +135,9 @@ def test_a_disconnect_stops_the_generation_and_the_next_request_starts_at_once(
         started = time.monotonic()
         stream = chat(client, "Bonjour")
         assert stream.status == 200 and stream.names()[-1] == "done"
-        stored = wait_for(lambda: db.messages.find_one({"_id": ObjectId(events[0]["message_id"]), "status": "incomplete"}))
+        stored = wait_for(
+            lambda: db.messages.find_one({"_id": ObjectId(events[0]["message_id"]), "status": "incomplete"})
+        )
     assert stored["finish_reason"] == "cancelled"
     # The new reply did not wait for the abandoned one's 400 tokens.
     assert time.monotonic() - started < 5
@@ -141,18 +145,20 @@ def test_a_disconnect_stops_the_generation_and_the_next_request_starts_at_once(
 
 def test_health_stays_fast_during_a_generation(local_server: Callable[..., Any]) -> None:
     server = local_server(chat_max_tokens=300)
-    with signed_in(server.url) as client:
-        with connect_sse(client, "POST", "/chatlaya/message", json={"content": LONG}) as source:
-            events = source.iter_sse()
-            next(events), next(events)
-            slowest = 0.0
-            with httpx.Client(base_url=server.url, timeout=5) as probe:
-                for _ in range(10):
-                    started = time.monotonic()
-                    assert probe.get("/health").status_code == 200
-                    slowest = max(slowest, time.monotonic() - started)
-                    next(events)  # the reply is still streaming meanwhile
-            assert provider_of(server)._slot.held
+    with (
+        signed_in(server.url) as client,
+        connect_sse(client, "POST", "/chatlaya/message", json={"content": LONG}) as source,
+    ):
+        events = source.iter_sse()
+        next(events), next(events)
+        slowest = 0.0
+        with httpx.Client(base_url=server.url, timeout=5) as probe:
+            for _ in range(10):
+                started = time.monotonic()
+                assert probe.get("/health").status_code == 200
+                slowest = max(slowest, time.monotonic() - started)
+                next(events)  # the reply is still streaming meanwhile
+        assert provider_of(server)._slot.held
     assert slowest < 0.5, f"/health took {slowest:.3f}s during a generation"
 
 

@@ -127,7 +127,7 @@ def test_closing_a_stream_frees_the_slot_after_the_current_token(model_file: Pat
             await anext(stream)
             started = time.monotonic()
             await stream.aclose()  # type: ignore[attr-defined]
-            while provider._slot.held:
+            while provider._slot.held:  # noqa: ASYNC110 - released from the worker thread
                 await asyncio.sleep(0.005)
             assert time.monotonic() - started < 0.5
             assert await _text(provider.stream(request("Bonjour", max_tokens=3)))

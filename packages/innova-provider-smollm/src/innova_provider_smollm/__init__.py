@@ -17,11 +17,10 @@ from typing import Literal
 
 from pydantic import Field
 
-from innova_server.plugins import RegisterProvider, hookimpl
-from innova_server.settings import ConfigError, PluginSettings, Settings
-
 from innova_provider_smollm.model import LlamaOptions, ModelFileError, choose_model, find_models
 from innova_provider_smollm.provider import FifoSlot, SmolLMProvider
+from innova_server.plugins import RegisterProvider, hookimpl
+from innova_server.settings import ConfigError, PluginSettings, Settings
 
 log = logging.getLogger("innova.smollm")
 
@@ -37,7 +36,7 @@ def available_cpus() -> int:
 
 
 class SmolLMSettings(PluginSettings):
-    """`SMOLLM_*` variables; the reply length and temperature come from the core (`CHAT_MAX_TOKENS`, `CHAT_TEMPERATURE`)."""
+    """`SMOLLM_*` variables. Reply length and temperature are the core's `CHAT_MAX_TOKENS`, `CHAT_TEMPERATURE`."""
 
     smollm_model_path: Path = DEFAULT_MODEL_PATH
     smollm_n_ctx: int = Field(2048, ge=64, description="context window in tokens (prompt + reply)")

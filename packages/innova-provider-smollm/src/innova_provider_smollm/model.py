@@ -21,8 +21,7 @@ log = logging.getLogger("innova.smollm")
 
 GGUF_SUFFIX = ".gguf"
 DOWNLOAD_HINT = (
-    "see README_SMOLLM.md in the innova-provider-smollm package for how to download "
-    "SmolLM2-1.7B-Instruct in GGUF"
+    "see README_SMOLLM.md in the innova-provider-smollm package for how to download SmolLM2-1.7B-Instruct in GGUF"
 )
 # Sampling beyond temperature: llama.cpp's usual values, written out so the
 # benchmark's direct call and the provider sample exactly alike.
@@ -160,9 +159,7 @@ class LocalModel:
         """The prompt tokens of `messages` rendered by the model's own template, as llama.cpp will see them."""
         result = self._formatter(messages=[{"role": m.role, "content": m.content} for m in messages])
         prompt: str = result.prompt
-        tokens: list[int] = self.llama.tokenize(
-            prompt.encode("utf-8"), add_bos=not result.added_special, special=True
-        )
+        tokens: list[int] = self.llama.tokenize(prompt.encode("utf-8"), add_bos=not result.added_special, special=True)
         return tokens
 
     def prompt(self, messages: Sequence[ChatMessage], max_tokens: int) -> Prompt:
@@ -207,7 +204,7 @@ class LocalModel:
             dropped = len(messages) - 1
         else:
             dropped = best[0]
-        start, tokens = best
+        tokens = best[1]
         if dropped:
             log.info("history trimmed to fit the context: %d of %d messages dropped", dropped, len(messages))
         # Never ask llama.cpp for more tokens than the window has left.

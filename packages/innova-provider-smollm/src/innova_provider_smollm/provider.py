@@ -26,6 +26,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Literal
 
+from innova_provider_smollm.model import LlamaOptions, LocalModel, ModelFileError, Piece, load_model
 from innova_server.chat import (
     ChatChunk,
     ChatRequest,
@@ -34,8 +35,6 @@ from innova_server.chat import (
     ProviderUnavailable,
     iterate_in_thread,
 )
-
-from innova_provider_smollm.model import LlamaOptions, LocalModel, ModelFileError, Piece, load_model
 
 log = logging.getLogger("innova.smollm")
 
