@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field
 
@@ -39,11 +39,15 @@ class SmolLMSettings(PluginSettings):
     """`SMOLLM_*` variables. Reply length and temperature are the core's `CHAT_MAX_TOKENS`, `CHAT_TEMPERATURE`."""
 
     smollm_model_path: Path = DEFAULT_MODEL_PATH
-    smollm_n_ctx: int = Field(2048, ge=64, description="context window in tokens (prompt + reply)")
-    smollm_n_threads: int | None = Field(None, ge=1, description="llama.cpp threads; default: the CPUs available")
-    smollm_n_batch: int = Field(512, ge=1, description="prompt tokens evaluated per llama.cpp batch")
+    #: Context window in tokens (prompt + reply).
+    smollm_n_ctx: Annotated[int, Field(ge=64)] = 2048
+    #: llama.cpp threads; None: the CPUs this process may use.
+    smollm_n_threads: Annotated[int | None, Field(ge=1)] = None
+    #: Prompt tokens evaluated per llama.cpp batch.
+    smollm_n_batch: Annotated[int, Field(ge=1)] = 512
     smollm_load: Literal["startup", "lazy"] = "startup"
-    smollm_max_queue: int = Field(4, ge=0, description="requests that may wait behind the running one")
+    #: Requests that may wait behind the running one; more get ProviderBusy.
+    smollm_max_queue: Annotated[int, Field(ge=0)] = 4
 
     def llama_options(self) -> LlamaOptions:
         return LlamaOptions(

@@ -149,8 +149,8 @@ class LocalModel:
         """Every token llama.cpp calls end-of-generation (`<|im_end|>`, EOS, …), asked once at load."""
         import llama_cpp
 
-        vocab = llama_cpp.llama_model_get_vocab(self.llama.model)
-        n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
+        vocab: Any = llama_cpp.llama_model_get_vocab(self.llama.model)
+        n_vocab: int = llama_cpp.llama_vocab_n_tokens(vocab)
         return frozenset(t for t in range(n_vocab) if llama_cpp.llama_vocab_is_eog(vocab, t))
 
     # -- the prompt ---------------------------------------------------------------

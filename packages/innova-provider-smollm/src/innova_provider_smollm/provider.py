@@ -22,9 +22,9 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from pathlib import Path
-from typing import Literal
+from typing import Literal, cast
 
 from innova_provider_smollm.model import LlamaOptions, LocalModel, ModelFileError, Piece, load_model
 from innova_server.chat import (
@@ -167,7 +167,9 @@ class SmolLMProvider:
             # No await between here and the first `anext`, which starts the
             # thread: from now on the thread owns the slot and releases it.
             handed_to_thread = True
-            async with contextlib.aclosing(iterate_in_thread(work)) as pieces:
+            # iterate_in_thread is an async generator typed as an iterator: closable.
+            thread = cast(AsyncGenerator[Piece, None], iterate_in_thread(work))
+            async with contextlib.aclosing(thread) as pieces:
                 async for piece in pieces:
                     if piece.text or piece.finish_reason:
                         yield ChatChunk(text=piece.text, finish_reason=piece.finish_reason, usage=piece.usage)
