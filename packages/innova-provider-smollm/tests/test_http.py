@@ -131,16 +131,20 @@ def test_a_disconnect_stops_the_generation_and_the_next_request_starts_at_once(
         # Gone after 3 tokens of 400: the slot is free within a token or two.
         left = time.monotonic()
         wait_for(lambda: not provider._slot.held, timeout=2)
-        assert time.monotonic() - left < 1.0
+        assert time.monotonic() - left < 0.5
         started = time.monotonic()
-        stream = chat(client, "Bonjour")
-        assert stream.status == 200 and stream.names()[-1] == "done"
+        with connect_sse(client, "POST", "/chatlaya/message", json={"content": "Bonjour"}) as source:
+            assert source.response.status_code == 200
+            first = next(sse for sse in source.iter_sse() if sse.event == "token")
+            # The new reply did not wait for the rest of the abandoned one
+            # (≈ 400 tokens: seconds with this model on this machine).
+            assert json.loads(first.data)["text"] is not None
+            assert time.monotonic() - started < 1.5
         stored = wait_for(
             lambda: db.messages.find_one({"_id": ObjectId(events[0]["message_id"]), "status": "incomplete"})
         )
     assert stored["finish_reason"] == "cancelled"
-    # The new reply did not wait for the abandoned one's 400 tokens.
-    assert time.monotonic() - started < 5
+    assert len(stored["content"]) < 200  # a few tokens, not the 400 asked for
 
 
 def test_health_stays_fast_during_a_generation(local_server: Callable[..., Any]) -> None:
