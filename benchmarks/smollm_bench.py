@@ -234,6 +234,7 @@ def main() -> int:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--n-ctx", type=int, default=2048)
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--out", type=Path, default=RESULTS / "smollm.json")
     parser.add_argument("--direct", action="store_true", help=argparse.SUPPRESS)  # the child process
     args = parser.parse_args()
     args.model = (args.model or tiny_model()).resolve()
@@ -281,10 +282,10 @@ def main() -> int:
         "server": "1 uvicorn worker, PROVIDER=local, SecantusDB on loopback",
         "raw": {"direct": direct["runs"], "direct_generate": direct["generate_runs"], "sse": ours["runs"]},
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "smollm.json").write_text(json.dumps(results, indent=2))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2))
     print(json.dumps({k: v for k, v in results.items() if k != "meta"}, indent=2))
-    print(f"written {RESULTS / 'smollm.json'}")
+    print(f"written {args.out}")
     return 0
 
 
