@@ -86,7 +86,11 @@ class MistralProvider(CloudProvider):
                     text = _text_of(choice.delta.content)
                     if text:
                         yield ChatChunk(text=text)
-            yield ChatChunk(finish_reason=finish_reason or "stop", usage=Usage(*usage) if usage else None)
+            if finish_reason is None:
+                # A stream that ends without a finish reason was cut (or, with
+                # llama-cpp-python, refused after its 200 headers): not a reply.
+                raise ProviderUnavailable("The chat model's stream ended before the reply was finished.")
+            yield ChatChunk(finish_reason=finish_reason, usage=Usage(*usage) if usage else None)
         finally:
             await upstream.close()
 

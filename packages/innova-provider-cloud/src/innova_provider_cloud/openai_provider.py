@@ -19,7 +19,15 @@ from innova_provider_cloud.base import (
     log,
     usage_numbers,
 )
-from innova_server.chat import ChatChunk, ChatRequest, ContextTooLong, FinishReason, ProviderError, Usage
+from innova_server.chat import (
+    ChatChunk,
+    ChatRequest,
+    ContextTooLong,
+    FinishReason,
+    ProviderError,
+    ProviderUnavailable,
+    Usage,
+)
 
 FINISH_REASONS: dict[str, FinishReason] = {"length": "length"}  # stop, tool_calls, content_filter…: "stop"
 
@@ -61,7 +69,11 @@ class OpenAIProvider(CloudProvider):
                     text = choice.delta.content if choice.delta is not None else None
                     if text:
                         yield ChatChunk(text=text)
-            yield ChatChunk(finish_reason=finish_reason or "stop", usage=Usage(*usage) if usage else None)
+            if finish_reason is None:
+                # A stream that ends without a finish reason was cut (or, with
+                # llama-cpp-python, refused after its 200 headers): not a reply.
+                raise ProviderUnavailable("The chat model's stream ended before the reply was finished.")
+            yield ChatChunk(finish_reason=finish_reason, usage=Usage(*usage) if usage else None)
         finally:
             await upstream.close()
 
