@@ -87,9 +87,17 @@ def _chunk(delta: dict[str, Any], finish_reason: str | None = None) -> dict[str,
 
 
 ERRORS: dict[str, tuple[int, dict[str, str], dict[str, Any]]] = {
-    "401": (401, {}, {"error": {"message": "Incorrect API key", "type": "invalid_request_error", "code": "invalid_api_key"}}),
+    "401": (
+        401,
+        {},
+        {"error": {"message": "Incorrect API key", "type": "invalid_request_error", "code": "invalid_api_key"}},
+    ),
     "403": (403, {}, {"error": {"message": "Forbidden", "type": "permission_error", "code": None}}),
-    "429": (429, {"retry-after": "7"}, {"error": {"message": "Slow down", "type": "requests", "code": "rate_limit_exceeded"}}),
+    "429": (
+        429,
+        {"retry-after": "7"},
+        {"error": {"message": "Slow down", "type": "requests", "code": "rate_limit_exceeded"}},
+    ),
     "ctx": (
         400,
         {},
@@ -103,7 +111,17 @@ ERRORS: dict[str, tuple[int, dict[str, str], dict[str, Any]]] = {
             }
         },
     ),
-    "400": (400, {}, {"error": {"message": "maximum context length exceeded", "type": "invalid_request_error", "code": "invalid_value"}}),
+    "400": (
+        400,
+        {},
+        {
+            "error": {
+                "message": "maximum context length exceeded",
+                "type": "invalid_request_error",
+                "code": "invalid_value",
+            }
+        },
+    ),
     "500": (500, {}, {"error": {"message": "boom", "type": "server_error", "code": None}}),
     "503": (503, {}, {"error": {"message": "overloaded", "type": "server_error", "code": None}}),
 }
@@ -222,7 +240,7 @@ def fast_timeouts(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture
 def point_at(monkeypatch: pytest.MonkeyPatch) -> Any:
-    """`point_at(provider, base_url)`: OPENAI_* / MISTRAL_* for `provider` against `base_url` (a server root, no /v1)."""
+    """`point_at(provider, base_url)`: OPENAI_* / MISTRAL_* for `provider` at `base_url` (server root, no /v1)."""
 
     def point(provider: str, base_url: str, key: str = SECRET_KEY) -> None:
         if provider == "openai":

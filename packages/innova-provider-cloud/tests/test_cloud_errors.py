@@ -158,7 +158,9 @@ async def first_error(provider_obj, model: str) -> ProviderError:
         ("stall-first", ProviderTimeout, True),
     ],
 )
-def test_error_mapping_uses_status_and_code_only(provider, scenario, expected, retryable, fake_api, point_at, fast_timeouts):
+def test_error_mapping_uses_status_and_code_only(
+    provider, scenario, expected, retryable, fake_api, point_at, fast_timeouts
+):
     url, _ = fake_api
     point_at(provider, url)
     error = asyncio.run(first_error(MAKERS[provider](None), fresh(scenario)))

@@ -131,7 +131,11 @@ def test_innova_check_never_shows_the_keys(clean_env, tmp_path):
     env = {**clean_env, "PROVIDER": "openai", "OPENAI_API_KEY": SECRET_KEY, "MISTRAL_API_KEY": SECRET_KEY}
     done = subprocess.run(
         [sys.executable, "-m", "innova_server.cli", "check", "-v"],
-        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60,
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert "ok: provider openai (model gpt-4o-mini, plugin cloud)" in done.stdout
     assert SECRET_KEY not in done.stdout + done.stderr

@@ -13,7 +13,7 @@ import asyncio
 import json
 import logging
 import random
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,10 +76,10 @@ class RetryPolicy:
         """Seconds to wait before retry number `attempt + 1`, or None not to retry."""
         if attempt >= self.max_retries or not error.retryable or isinstance(error, ProviderTimeout):
             return None
-        retry_after = getattr(error, "retry_after", None)
+        retry_after: object = getattr(error, "retry_after", None)
         if isinstance(retry_after, int | float):
             return float(retry_after) if retry_after <= self.max_wait else None
-        backoff = self.base_delay * (2**attempt)
+        backoff: float = self.base_delay * 2.0**attempt
         return min(self.max_wait, backoff * (0.5 + random.random()))  # noqa: S311 - jitter, not crypto
 
 
@@ -137,7 +137,7 @@ class CloudProvider:
 
     # -- for subclasses -----------------------------------------------------
 
-    def _open(self, request: ChatRequest) -> AsyncIterator[ChatChunk]:
+    def _open(self, request: ChatRequest) -> AsyncGenerator[ChatChunk, None]:
         raise NotImplementedError
 
     def _map_error(self, exc: Exception) -> ProviderError:

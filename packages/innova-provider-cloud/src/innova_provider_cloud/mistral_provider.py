@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import httpx2
@@ -63,7 +63,7 @@ class MistralProvider(CloudProvider):
             debug_logger=NoOpLogger(),
         )
 
-    async def _open(self, request: ChatRequest) -> AsyncIterator[ChatChunk]:
+    async def _open(self, request: ChatRequest) -> AsyncGenerator[ChatChunk, None]:
         messages: Any = [{"role": m.role, "content": m.content} for m in request.messages]
         upstream = await self.client.chat.stream_async(
             model=request.model,
@@ -92,7 +92,7 @@ class MistralProvider(CloudProvider):
                 raise ProviderUnavailable("The chat model's stream ended before the reply was finished.")
             yield ChatChunk(finish_reason=finish_reason, usage=Usage(*usage) if usage else None)
         finally:
-            await upstream.close()
+            await upstream.response.aclose()  # EventStreamAsync.close(), which is untyped
 
     def _map_error(self, exc: Exception) -> ProviderError:
         if isinstance(exc, ResponseValidationError):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import openai
@@ -48,7 +48,7 @@ class OpenAIProvider(CloudProvider):
             max_retries=0,
         )
 
-    async def _open(self, request: ChatRequest) -> AsyncIterator[ChatChunk]:
+    async def _open(self, request: ChatRequest) -> AsyncGenerator[ChatChunk, None]:
         messages: Any = [{"role": m.role, "content": m.content} for m in request.messages]
         upstream = await self.client.chat.completions.create(
             model=request.model,
