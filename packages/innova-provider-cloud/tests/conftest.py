@@ -98,6 +98,7 @@ ERRORS: dict[str, tuple[int, dict[str, str], dict[str, Any]]] = {
         {"retry-after": "7"},
         {"error": {"message": "Slow down", "type": "requests", "code": "rate_limit_exceeded"}},
     ),
+    "429-short": (429, {"retry-after": "1"}, {"error": {"message": "Slow down", "code": "rate_limit_exceeded"}}),
     "ctx": (
         400,
         {},
@@ -160,6 +161,8 @@ class FakeAPI:
         scenario = model.split(":")[0]
         if scenario == "flaky":  # 503 the first time, then a normal reply
             scenario = "503" if self.requests[model] == 1 else "ok"
+        if scenario == "slow-down":  # 429 with Retry-After: 1 the first time, then a normal reply
+            scenario = "429-short" if self.requests[model] == 1 else "ok"
         if scenario in ERRORS:
             status, extra, payload = ERRORS[scenario]
             raw = json.dumps(payload).encode()
@@ -187,6 +190,9 @@ class FakeAPI:
         await event(_chunk({"content": REPLY[0]}))
         if scenario == "stall-mid":
             await self._stall(model, receive)
+            return
+        if scenario == "cut":  # the body ends cleanly, without finish reason or [DONE]
+            await send({"type": "http.response.body", "body": b""})
             return
         for piece in REPLY[1:]:
             await event(_chunk({"content": piece}))

@@ -95,6 +95,33 @@ def test_a_failure_before_the_first_token_is_retried(provider, fake_api, point_a
     assert done["usage"] == {"prompt_tokens": 11, "completion_tokens": 4}
 
 
+def test_a_429_with_a_short_retry_after_is_waited_for_and_retried(
+    provider, fake_api, point_at, fast_timeouts, start_server
+):
+    url, api = fake_api
+    point_at(provider, url)
+    model = fresh("slow-down")  # 429 + Retry-After: 1, then a reply
+    server = start_server(provider=provider, chat_model=model)
+    started = time.monotonic()
+    with signed_in(server.url) as client:
+        reply = chat(client, "Bonjour")
+    assert reply.status == 200 and reply.text() == "Bonjour le monde !"
+    assert api.requests[model] == 2
+    assert time.monotonic() - started >= 1.0
+
+
+def test_a_stream_cut_after_a_token_is_an_error_event(provider, fake_api, point_at, fast_timeouts, start_server):
+    url, api = fake_api
+    point_at(provider, url)
+    model = fresh("cut")
+    server = start_server(provider=provider, chat_model=model)
+    with signed_in(server.url) as client:
+        reply = chat(client, "Bonjour")
+    assert reply.names() == ["start", "token", "error", "done"]
+    assert reply.data("error")["code"] == "provider_unavailable" and reply.data("error")["retryable"] is True
+    assert api.requests[model] == 1
+
+
 def test_a_stall_after_the_first_token_is_an_error_event_and_never_retried(
     provider, fake_api, point_at, fast_timeouts, start_server
 ):
