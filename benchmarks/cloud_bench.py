@@ -30,7 +30,6 @@ import argparse
 import asyncio
 import importlib.util
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -41,13 +40,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from common import PASSWORD, start_server, write_results
 from httpx_sse import aconnect_sse
 
 from innova_server.embedded import EmbeddedMongo, free_port
 from innova_server.testing.server import wait_until_healthy
 
-RESULTS = Path(__file__).parent / "results"
-PASSWORD = "correct horse battery"
 SYSTEM = "Tu es Chatlaya. Réponds en français."
 QUESTION = "Donne trois conseils pour lancer une petite entreprise à Dakar."
 KEY = "bench-no-key"
@@ -80,31 +78,23 @@ def start_model_server(port: int) -> subprocess.Popen[bytes]:
 
 
 def start_innova(mongo_uri: str, port: int, provider: str, model_url: str, max_tokens: int) -> subprocess.Popen[bytes]:
-    environment = {
-        **os.environ,
-        "ENV": "development",
-        "MONGO_URI": mongo_uri,
-        "DB_NAME": f"innova_cloud_bench_{provider}",
-        "COOKIE_SECURE": "false",
-        "PROVIDER": provider,
-        "CHAT_MODEL": MODEL,
-        "CHAT_SYSTEM_PROMPT": SYSTEM,
-        "CHAT_TEMPERATURE": "0",
-        "CHAT_MAX_TOKENS": str(max_tokens),
-        "OPENAI_API_KEY": KEY,
-        "OPENAI_BASE_URL": f"{model_url}/v1",
-        "MISTRAL_API_KEY": KEY,
-        "MISTRAL_BASE_URL": model_url,
-        "RATE_LIMIT_REGISTER_IP": "1000000/1m",
-        "RATE_LIMIT_CHAT_USER": "1000000/1m",
-        "ARGON2_TIME_COST": "1",
-        "ARGON2_MEMORY_COST": "1024",
-        "ARGON2_PARALLELISM": "1",
-        "LOG_LEVEL": "warning",
-    }
-    command = [sys.executable, "-m", "uvicorn", "innova_server.asgi:app", "--host", "127.0.0.1"]
-    command += ["--port", str(port), "--no-access-log", "--log-level", "warning"]
-    return subprocess.Popen(command, env=environment)
+    return start_server(
+        mongo_uri,
+        port,
+        f"innova_cloud_bench_{provider}",
+        PROVIDER=provider,
+        CHAT_MODEL=MODEL,
+        CHAT_SYSTEM_PROMPT=SYSTEM,
+        CHAT_TEMPERATURE="0",
+        CHAT_MAX_TOKENS=str(max_tokens),
+        OPENAI_API_KEY=KEY,
+        OPENAI_BASE_URL=f"{model_url}/v1",
+        MISTRAL_API_KEY=KEY,
+        MISTRAL_BASE_URL=model_url,
+        ARGON2_TIME_COST="1",
+        ARGON2_MEMORY_COST="1024",
+        ARGON2_PARALLELISM="1",
+    )
 
 
 class Run:
@@ -261,7 +251,6 @@ def main() -> int:
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--providers", default="openai,mistral")
     args = parser.parse_args()
-    RESULTS.mkdir(exist_ok=True)
     results: dict[str, Any] = {}
     model_port = free_port()
     model_server = start_model_server(model_port)
@@ -281,17 +270,14 @@ def main() -> int:
     finally:
         model_server.terminate()
         model_server.wait(30)
-    results["meta"] = {
-        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "python": sys.version.split()[0],
-        "cores": os.cpu_count(),
-        "model_server": "llama-cpp-python server, SmolLM2-135M-Instruct Q4_1, n_ctx 2048, loopback",
-        "innova": "1 uvicorn worker, SecantusDB on loopback",
-        "max_tokens": args.max_tokens,
-        "temperature": 0,
-    }
-    (RESULTS / "cloud.json").write_text(json.dumps(results, indent=2))
-    print(f"written {RESULTS / 'cloud.json'}")
+    write_results(
+        "cloud",
+        results,
+        model_server="llama-cpp-python server, SmolLM2-135M-Instruct Q4_1, n_ctx 2048, loopback",
+        server="1 uvicorn worker per provider",
+        max_tokens=args.max_tokens,
+        temperature=0,
+    )
     return 0
 
 
