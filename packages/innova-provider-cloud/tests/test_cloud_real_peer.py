@@ -139,3 +139,19 @@ def test_innova_check_never_shows_the_keys(clean_env, tmp_path):
     )
     assert "ok: provider openai (model gpt-4o-mini, plugin cloud)" in done.stdout
     assert SECRET_KEY not in done.stdout + done.stderr
+
+
+@pytest.mark.parametrize(("provider", "variable"), [("openai", "OPENAI_API_KEY"), ("mistral", "MISTRAL_API_KEY")])
+def test_innova_check_reports_a_missing_key(clean_env, tmp_path, provider, variable):
+    env = {k: v for k, v in clean_env.items() if k != variable}
+    done = subprocess.run(
+        [sys.executable, "-m", "innova_server.cli", "check"],
+        env={**env, "PROVIDER": provider},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1
+    assert "Traceback" not in done.stdout + done.stderr
+    assert any(line.startswith("error: ") and variable in line for line in done.stdout.splitlines()), done.stdout
