@@ -22,12 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import os
-import re
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -35,13 +30,12 @@ from typing import Any
 
 import httpx
 import psutil
+from common import PASSWORD, metric_sum, start_server, write_results
 from httpx_sse import aconnect_sse
 
 from innova_server.embedded import EmbeddedMongo, free_port
 from innova_server.testing.server import wait_until_healthy
 
-RESULTS = Path(__file__).parent / "results"
-PASSWORD = "correct horse battery"
 WORDS = [
     "Chatlaya",
     "aide",
@@ -58,51 +52,12 @@ WORDS = [
 ]
 
 
+# Accounts are created, not benchmarked here: cheap argon2.
+CHEAP_ARGON2 = {"ARGON2_TIME_COST": "1", "ARGON2_MEMORY_COST": "1024", "ARGON2_PARALLELISM": "1"}
+
+
 def words(n: int) -> str:
     return " ".join(WORDS[i % len(WORDS)] for i in range(n))
-
-
-def start_server(mongo_uri: str, port: int, db_name: str, **env: str) -> subprocess.Popen[bytes]:
-    environment = {
-        **os.environ,
-        "ENV": "development",
-        "MONGO_URI": mongo_uri,
-        "DB_NAME": db_name,
-        "COOKIE_SECURE": "false",
-        "PROVIDER": "echo",
-        "RATE_LIMIT_REGISTER_IP": "1000000/1m",
-        "RATE_LIMIT_CHAT_USER": "1000000/1m",
-        "CHAT_MAX_CONCURRENT_STREAMS": "100000",
-        "ARGON2_TIME_COST": "1",
-        "ARGON2_MEMORY_COST": "1024",
-        "ARGON2_PARALLELISM": "1",
-        "LOG_LEVEL": "warning",
-        **env,
-    }
-    command = [
-        sys.executable,
-        "-m",
-        "uvicorn",
-        "innova_server.asgi:app",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--no-access-log",
-        "--log-level",
-        "warning",
-        "--backlog",
-        "2048",
-    ]
-    return subprocess.Popen(command, env=environment)
-
-
-def metric_sum(url: str, name: str) -> float:
-    """Sum of a metric's samples; `name` may include a full label set to pick one sample."""
-    text = httpx.get(f"{url}/metrics").text
-    if "{" in name:
-        return sum(float(v) for v in re.findall(rf"^{re.escape(name)} (\S+)$", text, re.M))
-    return sum(float(v) for v in re.findall(rf"^{name}(?:\{{[^}}]*\}})? (\S+)$", text, re.M))
 
 
 # The server's own time for a whole streamed response, from the HTTP latency histogram.
@@ -260,11 +215,10 @@ def main() -> int:
     parser.add_argument("--users", type=int, default=10)
     parser.add_argument("--delay-ms", type=int, default=2000, help="ECHO_DELAY_MS of the concurrency run")
     args = parser.parse_args()
-    RESULTS.mkdir(exist_ok=True)
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="innova-chat-bench-") as tmp, EmbeddedMongo(Path(tmp) / "db") as mongo:
         port = free_port()
-        server = start_server(mongo.uri, port, "innova_chat_bench", ECHO_DELAY_MS="0")
+        server = start_server(mongo.uri, port, "innova_chat_bench", ECHO_DELAY_MS="0", **CHEAP_ARGON2)
         url = f"http://127.0.0.1:{port}"
         try:
             wait_until_healthy(url, process=server)
@@ -274,7 +228,9 @@ def main() -> int:
             server.wait(30)
 
         port = free_port()
-        server = start_server(mongo.uri, port, "innova_chat_bench_load", ECHO_DELAY_MS=str(args.delay_ms))
+        server = start_server(
+            mongo.uri, port, "innova_chat_bench_load", ECHO_DELAY_MS=str(args.delay_ms), **CHEAP_ARGON2
+        )
         url = f"http://127.0.0.1:{port}"
         try:
             wait_until_healthy(url, process=server)
@@ -284,15 +240,7 @@ def main() -> int:
         finally:
             server.terminate()
             server.wait(60)
-    results["meta"] = {
-        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "python": sys.version.split()[0],
-        "cores": os.cpu_count(),
-        "database": "SecantusDB (Python server) on loopback",
-        "server": "1 uvicorn worker, PROVIDER=echo",
-    }
-    (RESULTS / "chat.json").write_text(json.dumps(results, indent=2))
-    print(f"written {RESULTS / 'chat.json'}")
+    write_results("chat", results, server="1 uvicorn worker, PROVIDER=echo")
     return 0
 
 

@@ -15,12 +15,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
-import re
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
@@ -29,37 +25,10 @@ from typing import Any
 
 import httpx
 from argon2 import PasswordHasher
+from common import PASSWORD, mongo_commands, start_server, write_results
 
 from innova_server.embedded import EmbeddedMongo, free_port
 from innova_server.testing.server import wait_until_healthy
-
-RESULTS = Path(__file__).parent / "results"
-PASSWORD = "correct horse battery"
-
-
-def start_server(mongo_uri: str, port: int, **env: str) -> subprocess.Popen[bytes]:
-    environment = {
-        **os.environ,
-        "ENV": "development",
-        "MONGO_URI": mongo_uri,
-        "DB_NAME": "innova_bench",
-        "COOKIE_SECURE": "false",
-        "RATE_LIMIT_LOGIN_EMAIL": "1000000/1m",
-        "RATE_LIMIT_LOGIN_IP": "1000000/1m",
-        "RATE_LIMIT_REGISTER_IP": "1000000/1m",
-        "LOG_LEVEL": "warning",
-        **env,
-    }
-    command = [
-        sys.executable, "-m", "uvicorn", "innova_server.asgi:app",
-        "--host", "127.0.0.1", "--port", str(port), "--no-access-log", "--log-level", "warning",
-    ]
-    return subprocess.Popen(command, env=environment)
-
-
-def mongo_commands(url: str) -> float:
-    text = httpx.get(f"{url}/metrics").text
-    return sum(float(v) for v in re.findall(r"^innova_mongo_commands_total\{[^}]*\} (\S+)$", text, re.M))
 
 
 def summarize(latencies: list[float], errors: int, seconds: float) -> dict[str, Any]:
@@ -175,10 +144,9 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--concurrency", type=int, default=50)
     args = parser.parse_args()
-    RESULTS.mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="innova-bench-") as tmp, EmbeddedMongo(Path(tmp) / "db") as mongo:
         port = free_port()
-        server = start_server(mongo.uri, port)
+        server = start_server(mongo.uri, port, "innova_bench")
         url = f"http://127.0.0.1:{port}"
         try:
             wait_until_healthy(url, process=server)
@@ -186,16 +154,7 @@ def main() -> int:
         finally:
             server.terminate()
             server.wait(30)
-    results["meta"] = {
-        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "python": sys.version.split()[0],
-        "cores": os.cpu_count(),
-        "database": "SecantusDB (Python server) on loopback",
-        "server": "1 uvicorn worker",
-        "seconds": args.seconds,
-    }
-    (RESULTS / "http.json").write_text(json.dumps(results, indent=2))
-    print(f"written {RESULTS / 'http.json'}")
+    write_results("http", results, server="1 uvicorn worker", seconds=args.seconds)
     return 0
 
 

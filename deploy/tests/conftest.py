@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from innova_server.embedded import free_port
+
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
 SITE_CONF = DEPLOY / "nginx" / "innovaplus-api.conf"
@@ -42,13 +44,6 @@ def require_tool(name: str, how: str) -> str:
     if path is None:
         pytest.skip(f"{name} is not installed ({how})")
     return path
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def ipv6_loopback() -> bool:

@@ -90,7 +90,7 @@ def test_updated_at_moves_and_orders_the_list(server):
         chat(client, "a bouge", a["id"])
         items = client.get("/chatlaya/conversations").json()["items"]
         assert [c["id"] for c in items] == [a["id"], b["id"]]
-        assert items[0]["updated_at"] > a["updated_at"]
+        assert datetime.fromisoformat(items[0]["updated_at"]) > datetime.fromisoformat(a["updated_at"])
 
 
 def test_conversation_list_pages_by_keyset_and_filters_archived(server):
@@ -261,7 +261,7 @@ def test_messages_pages_are_complete_and_duplicate_free_while_messages_arrive(se
     ids = [m["id"] for m in walked]
     assert len(ids) == len(set(ids)), "a message was returned twice"
     assert set(existing) <= set(ids), "a message that existed before the walk was missed"
-    created = [(m["created_at"], m["id"]) for m in walked]
+    created = [(datetime.fromisoformat(str(m["created_at"])), str(m["id"])) for m in walked]
     assert created == sorted(created), "items are not oldest→newest"
 
 

@@ -119,13 +119,15 @@ def cmd_check(args: argparse.Namespace) -> int:
     for name, load_error in registry.errors.items():
         print(f"warning: plugin {name} failed to load: {load_error}")
     try:
-        entry = registry.provider_entry(settings.provider)
-        model = registry.resolve_model(entry, settings.chat_model)
+        # Built, not just looked up: the factory is what checks the provider's
+        # own settings (a missing API key, a model file that is not there).
+        entry, model, provider = registry.build_provider(settings)
+        asyncio.run(provider.aclose())
         print(f"ok: provider {entry.name} (model {model}, plugin {entry.plugin})")
     except ConfigError as error:
         lines.extend(error.lines)
     try:
-        registry.mailer_entry(settings.mailer or "console")
+        registry.build_mailer(settings)
         print(f"ok: mailer {settings.mailer}")
     except ConfigError as error:
         lines.extend(error.lines)

@@ -1,0 +1,268 @@
+"""Error paths through the real HTTP/SSE endpoint, against a loopback fake API (each reply a real server could give).
+
+The request's model name picks the fake's behaviour (see conftest.FakeAPI).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+import pytest
+
+from innova_provider_cloud import make_mistral, make_openai
+from innova_server.chat import (
+    ChatMessage,
+    ChatRequest,
+    ContextTooLong,
+    ProviderAuthError,
+    ProviderError,
+    ProviderRateLimited,
+    ProviderTimeout,
+    ProviderUnavailable,
+)
+from innova_server.settings import ConfigError
+from innova_server.testing.chat_client import chat, signed_in
+
+PROVIDERS = ["openai", "mistral"]
+MAKERS = {"openai": make_openai, "mistral": make_mistral}
+SECRET_KEY = "sk-test-SECRET-0123456789abcdef"
+
+
+@pytest.fixture(params=PROVIDERS)
+def provider(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def fresh(scenario: str) -> str:
+    """A model name for `scenario` with its own request counter."""
+    return f"{scenario}:{uuid.uuid4().hex[:8]}"
+
+
+@pytest.mark.parametrize(
+    ("scenario", "status", "code", "retry_after"),
+    [
+        ("401", 502, "provider_auth", None),
+        ("403", 502, "provider_auth", None),
+        ("429", 503, "provider_rate_limited", "7"),
+        ("ctx", 413, "context_too_long", None),
+        ("500", 503, "provider_unavailable", "5"),
+        ("503", 503, "provider_unavailable", "5"),
+        ("stall-first", 504, "provider_timeout", "5"),
+    ],
+)
+def test_failure_before_the_first_token_is_the_documented_http_error(
+    provider, scenario, status, code, retry_after, fake_api, point_at, fast_timeouts, start_server, caplog
+):
+    url, api = fake_api
+    point_at(provider, url)
+    model = fresh(scenario)
+    server = start_server(provider=provider, chat_model=model)
+    with signed_in(server.url) as client:
+        reply = chat(client, "Bonjour")
+    assert reply.status == status, reply.body
+    assert reply.body["detail"]["code"] == code
+    assert reply.headers.get("retry-after") == retry_after
+    # Retried (once, CLOUD_MAX_RETRIES=1) only when retrying can help, and never a 429
+    # whose Retry-After is beyond CLOUD_RETRY_MAX_WAIT_SECONDS, nor a timeout.
+    assert api.requests[model] == (2 if scenario in ("500", "503") else 1)
+    # The key reached the API, but no log line, no error body.
+    assert api.authorization[-1] == f"Bearer {SECRET_KEY}"
+    assert SECRET_KEY not in caplog.text and SECRET_KEY not in str(reply.body)
+
+
+def test_connection_refused_is_provider_unavailable(provider, refused_url, point_at, fast_timeouts, start_server):
+    point_at(provider, refused_url)
+    server = start_server(provider=provider, chat_model="any")
+    with signed_in(server.url) as client:
+        reply = chat(client, "Bonjour")
+    assert reply.status == 503 and reply.body["detail"]["code"] == "provider_unavailable"
+
+
+def test_a_failure_before_the_first_token_is_retried(provider, fake_api, point_at, fast_timeouts, start_server):
+    url, api = fake_api
+    point_at(provider, url)
+    model = fresh("flaky")  # 503 once, then a reply
+    server = start_server(provider=provider, chat_model=model)
+    with signed_in(server.url) as client:
+        reply = chat(client, "Bonjour")
+    assert reply.status == 200
+    assert reply.text() == "Bonjour le monde !"
+    assert api.requests[model] == 2
+    done = reply.data("done")
+    assert done["finish_reason"] == "stop"
+    assert done["usage"] == {"prompt_tokens": 11, "completion_tokens": 4}
+
+
+def test_a_429_with_a_short_retry_after_is_waited_for_and_retried(
+    provider, fake_api, point_at, fast_timeouts, start_server
+):
+    url, api = fake_api
+    point_at(provider, url)
+    model = fresh("slow-down")  # 429 + Retry-After: 1, then a reply
+    server = start_server(provider=provider, chat_model=model)
+    started = time.monotonic()
+    with signed_in(server.url) as client:
+        reply = chat(client, "Bonjour")
+    assert reply.status == 200 and reply.text() == "Bonjour le monde !"
+    assert api.requests[model] == 2
+    assert time.monotonic() - started >= 1.0
+
+
+def test_a_stream_cut_after_a_token_is_an_error_event(provider, fake_api, point_at, fast_timeouts, start_server):
+    url, api = fake_api
+    point_at(provider, url)
+    model = fresh("cut")
+    server = start_server(provider=provider, chat_model=model)
+    with signed_in(server.url) as client:
+        reply = chat(client, "Bonjour")
+    assert reply.names() == ["start", "token", "error", "done"]
+    assert reply.data("error")["code"] == "provider_unavailable" and reply.data("error")["retryable"] is True
+    assert api.requests[model] == 1
+
+
+def test_a_stall_after_the_first_token_is_an_error_event_and_never_retried(
+    provider, fake_api, point_at, fast_timeouts, start_server
+):
+    url, api = fake_api
+    point_at(provider, url)
+    model = fresh("stall-mid")
+    server = start_server(provider=provider, chat_model=model)
+    started = time.monotonic()
+    with signed_in(server.url) as client:
+        reply = chat(client, "Bonjour")
+    assert reply.status == 200
+    assert reply.names() == ["start", "token", "error", "done"]
+    assert reply.text() == "Bonjour"
+    assert reply.data("error") == {
+        "code": "provider_timeout",
+        "message": "The chat model sent nothing for 1s.",
+        "retryable": True,
+    }
+    assert reply.data("done")["finish_reason"] == "error"
+    assert time.monotonic() - started < 10  # CLOUD_IDLE_TIMEOUT_SECONDS=1, not the fake's 30 s stall
+    assert api.requests[model] == 1
+
+
+def test_finish_reason_length_and_usage_reach_the_stream(provider, fake_api, point_at, start_server):
+    url, _ = fake_api
+    point_at(provider, url)
+    server = start_server(provider=provider, chat_model=fresh("long"))
+    with signed_in(server.url) as client:
+        reply = chat(client, "Bonjour")
+    assert reply.text() == "Bonjour le monde !"
+    assert reply.data("done")["finish_reason"] == "length"
+    assert reply.data("done")["usage"] == {"prompt_tokens": 11, "completion_tokens": 4}
+
+
+# -- the provider itself ------------------------------------------------------
+
+
+def request_for(model: str) -> ChatRequest:
+    return ChatRequest(messages=[ChatMessage("user", "Bonjour")], model=model)
+
+
+async def first_error(provider_obj, model: str) -> ProviderError:
+    try:
+        async for _ in provider_obj.stream(request_for(model)):
+            pass
+    except ProviderError as error:
+        return error
+    finally:
+        await provider_obj.aclose()
+    raise AssertionError("no error")
+
+
+@pytest.mark.parametrize(
+    ("scenario", "expected", "retryable"),
+    [
+        ("401", ProviderAuthError, False),
+        ("429", ProviderRateLimited, True),
+        ("ctx", ContextTooLong, False),
+        ("400", ProviderError, False),  # "context length" in the text, another code: not ContextTooLong
+        ("503", ProviderUnavailable, True),
+        ("stall-first", ProviderTimeout, True),
+    ],
+)
+def test_error_mapping_uses_status_and_code_only(
+    provider, scenario, expected, retryable, fake_api, point_at, fast_timeouts
+):
+    url, _ = fake_api
+    point_at(provider, url)
+    error = asyncio.run(first_error(MAKERS[provider](None), fresh(scenario)))
+    assert type(error) is expected
+    assert error.retryable is retryable
+    if scenario == "429":
+        assert isinstance(error, ProviderRateLimited) and error.retry_after == 7
+    assert SECRET_KEY not in error.message
+
+
+def test_closing_the_stream_closes_the_upstream_connection_at_once(provider, fake_api, point_at, fast_timeouts):
+    url, api = fake_api
+    point_at(provider, url)
+    model = fresh("stall-mid")
+
+    async def body() -> float:
+        p = MAKERS[provider](None, cloud_idle_timeout_seconds=60)
+        try:
+            stream = p.stream(request_for(model))
+            first = await anext(stream)
+            assert first.text == "Bonjour"
+            closed = time.monotonic()
+            await stream.aclose()  # what the core does when the client leaves
+            return closed
+        finally:
+            await p.aclose()
+
+    closed = asyncio.run(body())
+    deadline = time.monotonic() + 5
+    while model not in api.disconnected and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert model in api.disconnected, "the fake server never saw the connection close"
+    assert api.disconnected[model] - closed < 1.0
+
+
+def test_total_timeout_bounds_a_slow_reply(fake_api, point_at, fast_timeouts):
+    url, _ = fake_api
+    point_at("openai", url)
+
+    async def body() -> ProviderError:
+        p = make_openai(None, cloud_total_timeout_seconds=0.5, cloud_idle_timeout_seconds=5)
+        return await first_error(p, fresh("stall-mid"))
+
+    error = asyncio.run(body())
+    assert isinstance(error, ProviderTimeout) and "0.5s" in error.message
+
+
+# -- configuration ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("provider_name", "variable"), [("openai", "OPENAI_API_KEY"), ("mistral", "MISTRAL_API_KEY")])
+def test_a_missing_key_stops_startup_with_one_line(provider_name, variable, monkeypatch, make_settings):
+    from innova_server.app import create_app
+
+    monkeypatch.delenv(variable, raising=False)
+    with pytest.raises(ConfigError) as caught:
+        create_app(make_settings(provider=provider_name))
+    assert len(caught.value.lines) == 1 and variable in caught.value.lines[0]
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "inf", "nan", "abc"])
+def test_timeouts_cannot_be_unlimited_or_invalid(value, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET_KEY)
+    monkeypatch.setenv("CLOUD_IDLE_TIMEOUT_SECONDS", value)
+    with pytest.raises(ConfigError) as caught:
+        make_openai(None)
+    assert caught.value.lines[0].startswith("CLOUD_IDLE_TIMEOUT_SECONDS")
+    assert SECRET_KEY not in str(caught.value)
+
+
+def test_the_key_is_a_secret_in_the_settings(monkeypatch):
+    from innova_provider_cloud.settings import load_cloud_settings
+
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET_KEY)
+    monkeypatch.setenv("MISTRAL_API_KEY", SECRET_KEY)
+    settings = load_cloud_settings()
+    assert SECRET_KEY not in repr(settings) and SECRET_KEY not in str(settings.model_dump())
+    assert SECRET_KEY not in settings.model_dump_json()
