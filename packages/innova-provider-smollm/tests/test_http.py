@@ -178,3 +178,20 @@ def test_innova_chat_with_the_local_provider(local_env: Path, tmp_path: Path) ->
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip()
     assert f"[local/{MODEL}]" in result.stderr and "usage prompt=" in result.stderr
+
+
+def test_a_long_conversation_is_trimmed_and_a_message_too_long_is_413(local_server: Callable[..., Any]) -> None:
+    server = local_server(chat_max_tokens=8)
+    paragraph = "Le marché de Sandaga ouvre tôt et les vendeurs installent leurs étals. " * 8  # ≈ 150 tokens
+    with signed_in(server.url) as client:
+        conversation: str | None = None
+        for turn in range(5):  # the history passes the 512-token window by the fourth turn
+            stream = chat(client, f"{turn}. {paragraph}", conversation)
+            assert stream.status == 200, stream.body
+            assert stream.names()[-1] == "done" and stream.data("done")["finish_reason"] in ("stop", "length")
+            conversation = stream.data("start")["conversation_id"]
+        assert stream.data("done")["usage"]["prompt_tokens"] <= 512 - 8
+        # A single message longer than the window: refused before the stream opens.
+        too_long = chat(client, paragraph * 4, conversation)
+        assert too_long.status == 413
+        assert too_long.body["detail"]["code"] == "context_too_long"
