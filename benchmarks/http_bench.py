@@ -20,6 +20,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -124,18 +125,19 @@ async def bench(url: str, seconds: float, concurrency: int) -> dict[str, Any]:
     )
     results["health_during_logins"].pop("mongo_round_trips_per_request")
 
+    # The ceiling: argon2 alone, verifying in as many threads as the server
+    # would use (argon2 itself runs its lanes in parallel, so per-verify wall
+    # time times cores would overstate it).
     hasher = PasswordHasher()  # the production parameters (settings' defaults)
     stored = hasher.hash(PASSWORD)
-    started = time.perf_counter()
-    for _ in range(10):
-        hasher.verify(stored, PASSWORD)
-    verify_s = (time.perf_counter() - started) / 10
-    results["argon2"] = {
-        "verify_ms": round(verify_s * 1000, 1),
-        "cores": cores,
-        "ceiling_logins_per_s": round(cores / verify_s, 1),
-    }
-    print(f"argon2id verify {verify_s * 1000:.1f} ms/core → ceiling ≈ {cores / verify_s:.1f} logins/s on {cores} cores")
+    runs = 8 * cores
+    with ThreadPoolExecutor(2 * cores) as pool:
+        started = time.perf_counter()
+        list(pool.map(lambda _: hasher.verify(stored, PASSWORD), range(runs)))
+        ceiling = runs / (time.perf_counter() - started)
+    share = results["login"]["requests_per_s"] / ceiling
+    results["argon2"] = {"cores": cores, "ceiling_verifies_per_s": round(ceiling, 1), "login_share": round(share, 3)}
+    print(f"argon2id alone: {ceiling:.1f} verifies/s on {cores} cores; logins reach {share:.0%} of it")
     return results
 
 
