@@ -134,3 +134,12 @@ def bench(session: nox.Session) -> None:
     session.install("httpx>=0.27", "httpx-sse>=0.4", "psutil>=5.9")
     session.run("python", "benchmarks/http_bench.py")
     session.run("python", "benchmarks/chat_bench.py")
+
+
+@nox.session
+def bench_models(session: nox.Session) -> None:
+    """Model providers through our SSE endpoint vs their libraries called directly (needs llama-cpp-python)."""
+    install_workspace(session, "embedded", "production")
+    session.install(*[arg for p in MODEL_PLUGINS for arg in ("-e", f"{p}[test]")], "psutil>=5.9")
+    session.run("python", "benchmarks/smollm_bench.py")
+    session.run("python", "benchmarks/cloud_bench.py")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, TypeVar, cast, runtime_checkable
 
@@ -69,7 +69,9 @@ class ChatProvider(Protocol):
 _DONE = object()
 
 
-async def iterate_in_thread(make_iterator: Callable[[], Iterator[T]], *, max_buffer: int = 64) -> AsyncIterator[T]:
+async def iterate_in_thread(
+    make_iterator: Callable[[], Iterator[T]], *, max_buffer: int = 64
+) -> AsyncGenerator[T, None]:
     """Run a blocking iterator (a local model's token loop) in its own thread, as an async generator.
 
     For providers whose work blocks: the event loop only ever awaits a queue.
