@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 from innova_server.auth.tokens import hash_token
+from innova_server.testing.server import wait_for
 
 PASSWORD = "correct horse battery"
 NEW_PASSWORD = "un mot de passe tout neuf"
@@ -26,17 +27,6 @@ def smtp_env(monkeypatch, ca_file):
         monkeypatch.setenv("SMTP_TLS_MODE", peer.tls_mode())
 
     return apply
-
-
-def wait_for(predicate, timeout: float = 15.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 def wait_idle(server) -> None:

@@ -19,6 +19,7 @@ from httpx_sse import connect_sse
 
 from innova_provider_smollm.provider import SmolLMProvider
 from innova_server.testing.chat_client import Stream, chat, signed_in
+from innova_server.testing.server import wait_for
 
 MODEL = "SmolLM2-135M-Instruct.Q4_1"
 LONG = "Count from 1 to 300, one number per line."
@@ -37,16 +38,6 @@ def provider_of(server: Any) -> SmolLMProvider:
     provider = server.services.provider
     assert isinstance(provider, SmolLMProvider)
     return provider
-
-
-def wait_for(condition: Callable[[], Any], timeout: float = 10.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.01)
-    raise AssertionError("condition not met in time")
 
 
 def test_a_reply_streams_in_several_tokens_and_is_stored(local_server: Callable[..., Any], db: Any) -> None:

@@ -23,6 +23,7 @@ from innova_server.chat import ChatChunk, ChatRequest, ProviderRateLimited, Prov
 from innova_server.plugins import RegisterProvider, hookimpl
 from innova_server.testing import registered
 from innova_server.testing.chat_client import chat, signed_in
+from innova_server.testing.server import wait_for
 
 
 class Probe:
@@ -115,16 +116,6 @@ def with_provider(start_server):
     yield start
     for context in reversed(stack):
         context.__exit__(None, None, None)
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = 10.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError("condition not met in time")
 
 
 def live_slots(db) -> int:

@@ -5,14 +5,17 @@ from __future__ import annotations
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import uvicorn
 from fastapi import FastAPI
 
 from innova_server.embedded import free_port
+
+T = TypeVar("T")
 
 
 class LiveServer:
@@ -67,3 +70,15 @@ def wait_until_healthy(url: str, *, process: subprocess.Popen[Any] | None = None
         if time.monotonic() > deadline:
             raise TimeoutError(f"{url}/health did not answer 200 within {timeout:.0f}s")
         time.sleep(0.2)
+
+
+def wait_for(predicate: Callable[[], T], timeout: float = 10.0, what: str = "condition") -> T:
+    """Poll `predicate` until it returns something truthy, and return that; fail after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
