@@ -63,18 +63,8 @@ def start_model_server(port: int) -> subprocess.Popen[bytes]:
     command = [sys.executable, "-m", "llama_cpp.server", "--model", str(smollm_gguf()), "--host", "127.0.0.1"]
     command += ["--port", str(port), "--n_ctx", "2048", "--seed", "42"]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while True:
-        if process.poll() is not None:
-            raise SystemExit(f"llama_cpp.server exited with status {process.returncode}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).status_code == 200:
-                return process
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            raise SystemExit("llama_cpp.server did not start within 120 s")
-        time.sleep(0.2)
+    wait_until_healthy(f"http://127.0.0.1:{port}", process=process, timeout=120, path="/v1/models")
+    return process
 
 
 def start_innova(mongo_uri: str, port: int, provider: str, model_url: str, max_tokens: int) -> subprocess.Popen[bytes]:

@@ -24,6 +24,8 @@ from typing import Any
 import httpx
 import pytest
 
+from innova_server.testing.server import wait_until_healthy
+
 from .conftest import (
     DEPLOY,
     PUBLIC_NAME,
@@ -106,20 +108,6 @@ def _start_gunicorn(tmp: Path, mongo_uri: str, port: int, **extra_env: str) -> t
     return process, log
 
 
-def _wait_healthy(url: str, process: subprocess.Popen[bytes], log: Path, timeout: float = 90.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"gunicorn exited with {process.returncode}:\n{log.read_text(errors='replace')[-3000:]}")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError(f"{url} not healthy after {timeout:.0f}s:\n{log.read_text(errors='replace')[-3000:]}")
-
-
 @pytest.fixture(scope="module")
 def stack(mongo_uri: str, test_ca: TLSFiles, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     nginx = require_tool("nginx", "Debian package nginx; `nox -s tests` installs it with apt-get when run as root")
@@ -133,7 +121,7 @@ def stack(mongo_uri: str, test_ca: TLSFiles, tmp_path_factory: pytest.TempPathFa
     )
     try:
         backend = f"http://127.0.0.1:{backend_port}"
-        _wait_healthy(f"{backend}/health", gunicorn, gunicorn_log)
+        wait_until_healthy(backend, process=gunicorn, timeout=90, log=gunicorn_log)
         check = subprocess.run(layout.command(nginx, "-t"), capture_output=True, text=True, timeout=30)
         assert check.returncode == 0, check.stderr
         nginx_process = subprocess.Popen(layout.command(nginx), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -293,7 +281,7 @@ def test_gunicorn_stops_gracefully(tmp_path: Path, mongo_uri: str) -> None:
     private_tmp.mkdir()
     process, log = _start_gunicorn(tmp_path, mongo_uri, port, TMPDIR=str(private_tmp))
     try:
-        _wait_healthy(f"http://127.0.0.1:{port}/health", process, log)
+        wait_until_healthy(f"http://127.0.0.1:{port}", process=process, timeout=90, log=log)
         metrics_dirs = list(private_tmp.glob("innova-metrics-*"))
         assert len(metrics_dirs) == 1 and list(metrics_dirs[0].glob("*.db"))  # the workers write there
     finally:

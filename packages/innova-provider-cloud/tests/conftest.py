@@ -23,11 +23,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from innova_server.embedded import free_port
-from innova_server.testing.server import LiveServer
+from innova_server.testing.server import LiveServer, wait_until_healthy
 
 SECRET_KEY = "sk-test-SECRET-0123456789abcdef"
 
@@ -54,18 +53,7 @@ def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"llama_cpp.server exited ({process.returncode}): {log_path.read_text()[-2000:]}")
-            try:
-                if httpx.get(f"{url}/v1/models", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError("llama_cpp.server did not answer /v1/models within 120 s")
-            time.sleep(0.2)
+        wait_until_healthy(url, process=process, timeout=120, path="/v1/models", log=log_path)
         yield url
     finally:
         process.terminate()

@@ -11,7 +11,7 @@ import pytest
 from innova_server import __version__
 from innova_server.app import create_app
 from innova_server.embedded import EmbeddedMongo
-from innova_server.testing.server import LiveServer
+from innova_server.testing.server import LiveServer, wait_until_healthy
 
 PASSWORD = "correct horse battery"
 
@@ -53,15 +53,6 @@ def test_metrics_without_a_token_configured_is_loopback_only(server):
     assert response.status_code == 403
 
 
-def _wait_for(url: str, status: int, timeout: float) -> httpx.Response:
-    deadline = time.monotonic() + timeout
-    while True:
-        response = httpx.get(url, timeout=10)
-        if response.status_code == status or time.monotonic() > deadline:
-            return response
-        time.sleep(0.2)
-
-
 @pytest.mark.slow
 def test_health_reports_an_outage_quickly_and_recovers_without_restart(make_settings, tmp_path: Path):
     mongo = EmbeddedMongo(tmp_path / "db").start()
@@ -83,7 +74,7 @@ def test_health_reports_an_outage_quickly_and_recovers_without_restart(make_sett
             assert me.json()["detail"]["code"] == "database_unavailable"
 
             mongo = EmbeddedMongo(tmp_path / "db", port=mongo.port).start()
-            assert _wait_for(f"{live.url}/health", 200, 30).status_code == 200
+            wait_until_healthy(live.url, timeout=30)
             assert client.get("/auth/me").status_code == 200  # the data and the session survived
         finally:
             mongo.stop()

@@ -21,6 +21,7 @@ from innova_server.auth.tokens import hash_token
 from innova_server.mail import MailerError
 from innova_server.plugins import RegisterMailer, hookimpl
 from innova_server.testing import registered
+from innova_server.testing.server import wait_for
 
 PASSWORD = "correct horse battery"
 NEW_PASSWORD = "tout nouveau mot de passe"
@@ -29,22 +30,13 @@ LINK = re.compile(r"https?://\S+/reset\?\S+")
 
 def wait_for_mails(server, count: int, timeout: float = 10.0) -> list[EmailMessage]:
     """The mails the console mailer has received once there are `count` of them."""
-    deadline = time.monotonic() + timeout
-    while True:
-        sent = list(server.services.mailer.sent)
-        if len(sent) >= count:
-            return sent
-        if time.monotonic() > deadline:
-            raise AssertionError(f"expected {count} mail(s), got {len(sent)}")
-        time.sleep(0.02)
+    wait_for(lambda: len(server.services.mailer.sent) >= count, timeout, what=f"{count} mail(s)")
+    return list(server.services.mailer.sent)
 
 
 def wait_idle(server, timeout: float = 10.0) -> None:
     """Until the server has no background task left (mails sent or failed)."""
-    deadline = time.monotonic() + timeout
-    while len(server.services.tasks):
-        assert time.monotonic() < deadline, "background tasks did not finish"
-        time.sleep(0.02)
+    wait_for(lambda: len(server.services.tasks) == 0, timeout, what="background tasks to finish")
 
 
 def link_of(message: EmailMessage) -> str:

@@ -6,6 +6,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -56,19 +57,35 @@ class LiveServer:
         self.stop()
 
 
-def wait_until_healthy(url: str, *, process: subprocess.Popen[Any] | None = None, timeout: float = 60.0) -> None:
-    """Poll `url/health` until it answers 200; fail early if `process` (the server) exits."""
+def wait_until_healthy(
+    url: str,
+    *,
+    process: subprocess.Popen[Any] | None = None,
+    timeout: float = 60.0,
+    path: str = "/health",
+    log: Path | None = None,
+) -> None:
+    """Poll `url + path` until it answers 200; fail early if `process` (the server) exits.
+
+    `path` serves other servers too (llama.cpp's `/v1/models`); the tail of
+    `log`, if given, goes into the failure so a broken start explains itself.
+    """
+    target = f"{url}{path}"
+
+    def tail() -> str:
+        return f":\n{log.read_text(errors='replace')[-3000:]}" if log is not None and log.exists() else ""
+
     deadline = time.monotonic() + timeout
     while True:
         if process is not None and process.poll() is not None:
-            raise RuntimeError(f"the server exited with status {process.returncode} before becoming healthy")
+            raise RuntimeError(f"the server exited with status {process.returncode} before {target} answered{tail()}")
         try:
-            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+            if httpx.get(target, timeout=5).status_code == 200:
                 return
-        except httpx.TransportError:
+        except httpx.HTTPError:
             pass
         if time.monotonic() > deadline:
-            raise TimeoutError(f"{url}/health did not answer 200 within {timeout:.0f}s")
+            raise TimeoutError(f"{target} did not answer 200 within {timeout:.0f}s{tail()}")
         time.sleep(0.2)
 
 
