@@ -17,6 +17,8 @@ ENV_FILE=${ENV_FILE:-/etc/innovaplus/backend.env}
 BACKUP_ROOT=${BACKUP_ROOT:-/var/backups}
 RETENTION_DAYS=${RETENTION_DAYS:-14}
 MONGODUMP=${MONGODUMP:-mongodump}
+# shellcheck source=deploy/backup/mongo-lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/mongo-lib.sh"
 
 log() { echo "mongo-backup: $*"; }
 
@@ -24,9 +26,6 @@ if ! [[ "$RETENTION_DAYS" =~ ^[0-9]+$ ]] || ((RETENTION_DAYS < 1)); then
     echo "mongo-backup: RETENTION_DAYS must be a whole number >= 1 (got '$RETENTION_DAYS')" >&2
     exit 2
 fi
-read_env() { # read_env NAME: the last NAME=value of the env file
-    sed -n "s/^$1=//p" "$ENV_FILE" 2>/dev/null | tail -n 1
-}
 if [[ -z "${MONGO_URI:-}" ]]; then
     if [[ ! -r "$ENV_FILE" ]]; then
         echo "mongo-backup: set MONGO_URI or make $ENV_FILE readable (run as root)" >&2
@@ -52,10 +51,10 @@ mkdir -p "$BACKUP_ROOT"
 rm -rf "$partial"
 umask 077
 log "dumping $DB_NAME to $target"
-# The URI (with its password) goes in a config file, not on the command line.
-config=$(mktemp)
+# The URI (with its password) goes in a config file, not on the command line;
+# the database is given by --db only (mongo-lib.sh says why).
+config=$(uri_config "$(uri_without_db "$MONGO_URI")")
 trap 'rm -f "$config"; rm -rf "$partial"' EXIT
-printf 'uri: "%s"\n' "$MONGO_URI" >"$config"
 "$MONGODUMP" --config "$config" --db "$DB_NAME" --out "$partial" --quiet
 # Replace today's dump only once the new one is complete.
 rm -rf "$target"

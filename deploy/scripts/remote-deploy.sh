@@ -8,34 +8,55 @@
 # packages named in /etc/innovaplus/plugins.txt (one per line, `#` comments;
 # e.g. innova-mailer, innova-provider-echo, innova-provider-cloud,
 # innova-provider-smollm), each installed from packages/<name>.
-# Environment: APP_DIR (default: this checkout), PLUGINS_FILE, PYTHON
-# (default python3), SKIP_RESTART=1 to only install.
+# Every third-party package is pinned by deploy/constraints.txt (pip -c), so
+# a deployment installs what the tests ran with (README "Dependency pins").
+# Environment: APP_DIR (default: this checkout), PLUGINS_FILE, CONSTRAINTS
+# (default deploy/constraints.txt), PYTHON (default python3), SKIP_RESTART=1
+# to only install.
 set -euo pipefail
 
 APP_DIR=${APP_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)}
 PLUGINS_FILE=${PLUGINS_FILE:-/etc/innovaplus/plugins.txt}
+CONSTRAINTS=${CONSTRAINTS:-$APP_DIR/deploy/constraints.txt}
 PYTHON=${PYTHON:-python3}
 UNIT=innovaplus-backend.service
 
 cd "$APP_DIR"
 log() { echo "remote-deploy: $*"; }
 
+# The plugin list is required: without it the service could start without
+# innova-mailer (a production MAILER=smtp then exits 3) or without its
+# provider. Never guess a default: stop and say what to fix.
+die() { echo "remote-deploy: $*; nothing was installed" >&2; exit 1; }
+if [[ ! -r "$PLUGINS_FILE" ]]; then
+    plugins_dir=$(dirname "$PLUGINS_FILE")
+    if [[ -d "$plugins_dir" && ! -x "$plugins_dir" ]]; then
+        die "$(id -un) cannot enter $plugins_dir to read $PLUGINS_FILE" \
+            "(it must be mode 751: sudo chmod 751 $plugins_dir; deploy/README.md 1.2)"
+    elif [[ -e "$PLUGINS_FILE" ]]; then
+        die "$PLUGINS_FILE is not readable by $(id -un) (it must be mode 644: sudo chmod 644 $PLUGINS_FILE)"
+    else
+        die "$PLUGINS_FILE does not exist: create it, one plugin package per line (deploy/README.md 1.3)"
+    fi
+fi
 plugins=()
-if [[ -r "$PLUGINS_FILE" ]]; then
-    while read -r name _; do
-        [[ -z "$name" || "$name" == \#* ]] && continue
-        plugins+=("$name")
-    done <"$PLUGINS_FILE"
-else
-    log "$PLUGINS_FILE not found: installing innova-provider-echo only"
-    plugins=(innova-provider-echo)
+while read -r name _; do
+    [[ -z "$name" || "$name" == \#* ]] && continue
+    plugins+=("$name")
+done <"$PLUGINS_FILE"
+if [[ ${#plugins[@]} -eq 0 ]]; then
+    die "$PLUGINS_FILE lists no package (it needs the provider's and, in production," \
+        "innova-mailer; deploy/README.md 1.3)"
+fi
+
+if [[ ! -r "$CONSTRAINTS" ]]; then
+    die "$CONSTRAINTS is missing: it pins the versions to install (deploy/README.md \"Dependency pins\")"
 fi
 
 requirements=("./packages/innova-server[production]")
 for name in "${plugins[@]}"; do
     if [[ ! -f "packages/$name/pyproject.toml" ]]; then
-        echo "remote-deploy: plugin package '$name' (from $PLUGINS_FILE) is not in packages/" >&2
-        exit 1
+        die "plugin package '$name' (from $PLUGINS_FILE) is not in packages/"
     fi
     requirements+=("./packages/$name")
 done
@@ -44,11 +65,13 @@ if [[ ! -x .venv/bin/python ]]; then
     log "creating $APP_DIR/.venv"
     "$PYTHON" -m venv .venv
 fi
-.venv/bin/python -m pip install --quiet --upgrade pip
-log "installing ${requirements[*]}"
+pip=(.venv/bin/python -m pip install --quiet --constraint "$CONSTRAINTS")
+"${pip[@]}" --upgrade pip
+log "installing ${requirements[*]} (pinned by $CONSTRAINTS)"
 # Local directories are always rebuilt and reinstalled, so a new commit with
-# the same version number is picked up.
-.venv/bin/python -m pip install --quiet --upgrade "${requirements[@]}"
+# the same version number is picked up; --upgrade moves every other package
+# to its pinned version, never past it.
+"${pip[@]}" --upgrade "${requirements[@]}"
 .venv/bin/innova plugins
 
 if [[ "${SKIP_RESTART:-0}" == 1 ]]; then

@@ -6,6 +6,8 @@ from __future__ import annotations
 import datetime as dt
 import os
 import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -126,9 +128,12 @@ def test_backup_writes_todays_dump_and_applies_retention(fake_bin: Callable[[str
     assert not old.exists() and recent.exists() and unrelated.exists()
     args = (tmp_path / "mongodump.args").read_text()
     assert "--db innova_db" in args and f"--out {target}.partial" in args
-    # The password is handed over in a config file, never on the command line.
+    # The password is handed over in a config file, never on the command line;
+    # the database only by --db (none in the URI path, whose authSource stays).
     assert "s3cret" not in args
-    assert "s3cret" in (tmp_path / "mongodump.args.config").read_text()
+    assert (tmp_path / "mongodump.args.config").read_text().strip() == (
+        'uri: "mongodb://appuser:s3cret@127.0.0.1:27017/?authSource=innova_db"'
+    )
 
 
 def test_backup_failure_keeps_the_previous_dump(fake_bin: Callable[[str, str], Path], tmp_path: Path) -> None:
@@ -146,16 +151,104 @@ def test_backup_refuses_a_bad_retention(fake_bin: Callable[[str, str], Path], tm
     assert result.returncode == 2 and "RETENTION_DAYS" in result.stderr
 
 
-def test_restore_refuses_a_directory_that_is_not_a_dump(tmp_path: Path) -> None:
-    env = {**os.environ, "MONGO_URI": "mongodb://127.0.0.1:1/innova_db", "DB_NAME": "innova_db"}
-    result = subprocess.run(
-        ["bash", str(DEPLOY / "backup" / "mongo-restore.sh"), str(tmp_path)],
+FAKE_MONGORESTORE = r"""#!/usr/bin/env bash
+# Records its arguments, one per line, and the URI of its --config file.
+set -euo pipefail
+printf '%s\n' "$@" > "$FAKE_LOG"
+while [[ $# -gt 0 ]]; do
+  case $1 in
+    --config) cp "$2" "$FAKE_LOG.config"; shift 2 ;;
+    *) shift ;;
+  esac
+done
+"""
+
+URI_WITH_DB = "mongodb://appuser:s3cret@127.0.0.1:27017/innova_db?authSource=innova_db"
+
+
+def run_restore(
+    fake_bin: Callable[[str, str], Path], tmp_path: Path, dump: Path, *args: str, **extra: str
+) -> subprocess.CompletedProcess[str]:
+    mongorestore = fake_bin("mongorestore", FAKE_MONGORESTORE)
+    env = {
+        **{k: v for k, v in os.environ.items() if k not in ("MONGO_URI", "DB_NAME", "FROM_DB")},
+        "MONGO_URI": URI_WITH_DB,
+        "DB_NAME": "innova_db",
+        "MONGORESTORE": str(mongorestore),
+        "FAKE_LOG": str(tmp_path / "mongorestore.args"),
+        **extra,
+    }
+    return subprocess.run(
+        ["bash", str(DEPLOY / "backup" / "mongo-restore.sh"), str(dump), *args],
         capture_output=True,
         text=True,
         env=env,
         timeout=60,
     )
+
+
+def a_dump(tmp_path: Path, db: str = "innova_db") -> Path:
+    """A directory as mongo-backup.sh leaves it: DUMP/DB/*.bson."""
+    dump = tmp_path / "innova-2026-11-24"
+    (dump / db).mkdir(parents=True)
+    (dump / db / "users.bson").write_bytes(b"")
+    (dump / db / "users.metadata.json").write_text("{}")
+    return dump
+
+
+def test_restore_reads_the_whole_dump_filtered_to_the_database(
+    fake_bin: Callable[[str, str], Path], tmp_path: Path
+) -> None:
+    """mongorestore treats a database in the URI path as --db, and then reads
+    --dir as that database's own folder: DUMP/innova_db/ would be skipped and
+    nothing restored (exit 0). So: the dump directory, --nsInclude, and a URI
+    without the database (its authSource kept)."""
+    dump = a_dump(tmp_path)
+    result = run_restore(fake_bin, tmp_path, dump, "--drop")
+    assert result.returncode == 0, result.stdout + result.stderr
+    args = (tmp_path / "mongorestore.args").read_text().splitlines()
+    assert args[args.index("--dir") + 1] == str(dump)
+    assert args[args.index("--nsInclude") + 1] == "innova_db.*"
+    assert "--drop" in args
+    assert "--db" not in args and "--nsFrom" not in args
+    assert not any("s3cret" in arg for arg in args)  # the password only in the config file
+    config = (tmp_path / "mongorestore.args.config").read_text()
+    assert config.strip() == 'uri: "mongodb://appuser:s3cret@127.0.0.1:27017/?authSource=innova_db"'
+
+
+def test_restore_keeps_the_path_database_as_auth_source(fake_bin: Callable[[str, str], Path], tmp_path: Path) -> None:
+    result = run_restore(fake_bin, tmp_path, a_dump(tmp_path), MONGO_URI="mongodb://appuser:pw@db.local/innova_db?tls=true")
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "mongorestore.args.config").read_text().strip() == (
+        'uri: "mongodb://appuser:pw@db.local/?tls=true&authSource=innova_db"'
+    )
+
+
+def test_restore_into_another_database_renames_the_namespaces(
+    fake_bin: Callable[[str, str], Path], tmp_path: Path
+) -> None:
+    result = run_restore(fake_bin, tmp_path, a_dump(tmp_path), DB_NAME="innova_restore_test", FROM_DB="innova_db")
+    assert result.returncode == 0, result.stderr
+    args = (tmp_path / "mongorestore.args").read_text().splitlines()
+    assert args[args.index("--nsInclude") + 1] == "innova_db.*"
+    assert args[args.index("--nsFrom") + 1] == "innova_db.*"
+    assert args[args.index("--nsTo") + 1] == "innova_restore_test.*"
+
+
+def test_restore_refuses_a_directory_that_is_not_a_dump(fake_bin: Callable[[str, str], Path], tmp_path: Path) -> None:
+    # The database's own folder given instead of the dump (DUMP/innova_db): no innova_db/ inside.
+    inner = a_dump(tmp_path) / "innova_db"
+    result = run_restore(fake_bin, tmp_path, inner)
     assert result.returncode == 1 and "not a dump of innova_db" in result.stderr
+    assert not (tmp_path / "mongorestore.args").exists()
+
+
+def test_restore_refuses_a_dump_without_collections(fake_bin: Callable[[str, str], Path], tmp_path: Path) -> None:
+    dump = tmp_path / "innova-2026-11-24"
+    (dump / "innova_db").mkdir(parents=True)
+    result = run_restore(fake_bin, tmp_path, dump)
+    assert result.returncode == 1 and "no .bson file" in result.stderr
+    assert not (tmp_path / "mongorestore.args").exists()
 
 
 def test_wait_healthy_gives_up_after_the_bounded_retries() -> None:
@@ -172,20 +265,167 @@ def test_wait_healthy_gives_up_after_the_bounded_retries() -> None:
     assert time.monotonic() - started < 30
 
 
-def test_remote_deploy_refuses_an_unknown_plugin_before_touching_anything(tmp_path: Path) -> None:
+# A python3 whose `-m venv DIR` makes a venv of recorders: DIR/bin/python logs
+# each call (pip's arguments) and DIR/bin/innova answers `plugins`. It stands
+# for the interpreter only so that the test sees what remote-deploy.sh asks
+# pip to do without downloading anything.
+FAKE_PYTHON = r"""#!/usr/bin/env bash
+set -euo pipefail
+[[ $1 == -m && $2 == venv ]] || { echo "fake python3: unexpected: $*" >&2; exit 2; }
+mkdir -p "$3/bin"
+printf '#!/usr/bin/env bash\nprintf "%%s\\n" "$*" >> "%s"\n' "$FAKE_LOG" > "$3/bin/python"
+printf '#!/usr/bin/env bash\necho "fake innova $*"\n' > "$3/bin/innova"
+chmod +x "$3/bin/python" "$3/bin/innova"
+"""
+
+
+def deploy_tree(tmp_path: Path) -> Path:
+    """An APP_DIR like the server's: packages/ and deploy/ of this checkout."""
     app = tmp_path / "backend"
     (app / "packages").mkdir(parents=True)
-    for package in ("innova-server", "innova-provider-echo"):
+    for package in ("innova-server", "innova-provider-echo", "innova-mailer"):
         (app / "packages" / package).symlink_to(DEPLOY.parent / "packages" / package)
-    plugins = tmp_path / "plugins.txt"
-    plugins.write_text("# chosen for PROVIDER=echo\ninnova-provider-echo\n\ninnova-provider-nope  # typo\n")
-    result = subprocess.run(
+    (app / "deploy").symlink_to(DEPLOY)
+    return app
+
+
+def run_remote_deploy(app: Path, plugins: Path, **extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
         ["bash", str(DEPLOY / "scripts" / "remote-deploy.sh")],
         capture_output=True,
         text=True,
         timeout=60,
-        env={**os.environ, "APP_DIR": str(app), "PLUGINS_FILE": str(plugins), "SKIP_RESTART": "1"},
+        env={**os.environ, "APP_DIR": str(app), "PLUGINS_FILE": str(plugins), "SKIP_RESTART": "1", **extra},
     )
+
+
+def test_remote_deploy_refuses_an_unknown_plugin_before_touching_anything(tmp_path: Path) -> None:
+    app = deploy_tree(tmp_path)
+    plugins = tmp_path / "plugins.txt"
+    plugins.write_text("# chosen for PROVIDER=echo\ninnova-provider-echo\n\ninnova-provider-nope  # typo\n")
+    result = run_remote_deploy(app, plugins)
     assert result.returncode == 1
     assert "'innova-provider-nope'" in result.stderr and "not in packages/" in result.stderr
     assert not (app / ".venv").exists()
+
+
+def test_remote_deploy_without_a_plugin_list_is_an_error_not_a_fallback(tmp_path: Path) -> None:
+    """Installing a default set instead would drop innova-mailer: MAILER=smtp then exits 3 at start."""
+    app = deploy_tree(tmp_path)
+    result = run_remote_deploy(app, tmp_path / "etc" / "plugins.txt")
+    assert result.returncode == 1
+    assert "plugins.txt does not exist" in result.stderr and "nothing was installed" in result.stderr
+    assert not (app / ".venv").exists()
+
+
+def test_remote_deploy_with_an_empty_plugin_list_is_an_error(tmp_path: Path) -> None:
+    app = deploy_tree(tmp_path)
+    plugins = tmp_path / "plugins.txt"
+    plugins.write_text("# nothing chosen yet\n\n")
+    result = run_remote_deploy(app, plugins)
+    assert result.returncode == 1 and "lists no package" in result.stderr
+    assert not (app / ".venv").exists()
+
+
+def test_remote_deploy_says_when_the_plugin_list_cannot_be_read(tmp_path: Path) -> None:
+    """The layout the audit found: /etc/innovaplus 750 root:innova and `deploy`
+    not in the group. As root the script runs as `nobody` in that layout; as
+    another user, modes without the owner's bits give the same denials."""
+    app = deploy_tree(tmp_path)
+    etc = tmp_path / "etc-innovaplus"
+    etc.mkdir()
+    plugins = etc / "plugins.txt"
+    plugins.write_text("innova-provider-echo\n")
+    if os.geteuid() == 0:
+        runner = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+        locked_dir, open_dir, locked_file = 0o750, 0o751, 0o600
+        base = Path(tempfile.gettempdir()).resolve()
+        for path in (tmp_path, *tmp_path.parents):  # let `nobody` reach the tree (pytest makes them 0700)
+            if base not in path.parents:
+                break
+            path.chmod(path.stat().st_mode | 0o005)
+    else:
+        runner, locked_dir, open_dir, locked_file = [], 0o640, 0o751, 0o200
+
+    def deploy() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*runner, "bash", str(DEPLOY / "scripts" / "remote-deploy.sh")],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "APP_DIR": str(app), "PLUGINS_FILE": str(plugins), "SKIP_RESTART": "1"},
+        )
+
+    try:
+        etc.chmod(locked_dir)
+        result = deploy()
+        assert result.returncode == 1, result.stdout + result.stderr
+        assert f"cannot enter {etc}" in result.stderr and "chmod 751" in result.stderr
+        assert not (app / ".venv").exists()
+
+        etc.chmod(open_dir)  # the runbook's mode: the file can be opened by name, not listed
+        plugins.chmod(locked_file)
+        result = deploy()
+        assert result.returncode == 1, result.stdout + result.stderr
+        assert "is not readable by" in result.stderr and "chmod 644" in result.stderr
+        assert not (app / ".venv").exists()
+    finally:
+        etc.chmod(0o755)
+        plugins.chmod(0o644)
+
+
+def test_remote_deploy_installs_the_listed_plugins_pinned_by_the_constraints(
+    fake_bin: Callable[[str, str], Path], tmp_path: Path
+) -> None:
+    app = deploy_tree(tmp_path)
+    plugins = tmp_path / "plugins.txt"
+    plugins.write_text("innova-mailer\ninnova-provider-echo   # PROVIDER=echo\n")
+    log = tmp_path / "pip.calls"
+    python = fake_bin("python3", FAKE_PYTHON)
+    result = run_remote_deploy(app, plugins, PYTHON=str(python), FAKE_LOG=str(log))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "fake innova plugins" in result.stdout
+    calls = [line.split() for line in log.read_text().splitlines()]
+    constraints = str(app / "deploy" / "constraints.txt")
+    assert len(calls) == 2  # pip itself, then the packages
+    for call in calls:
+        assert call[:3] == ["-m", "pip", "install"]
+        flag = "-c" if "-c" in call else "--constraint"
+        assert call[call.index(flag) + 1] == constraints, call
+    assert calls[-1][-3:] == [
+        "./packages/innova-server[production]",
+        "./packages/innova-mailer",
+        "./packages/innova-provider-echo",
+    ]
+
+
+def test_remote_deploy_refuses_to_run_without_the_constraints(tmp_path: Path) -> None:
+    app = deploy_tree(tmp_path)
+    plugins = tmp_path / "plugins.txt"
+    plugins.write_text("innova-provider-echo\n")
+    result = run_remote_deploy(app, plugins, CONSTRAINTS=str(tmp_path / "none.txt"))
+    assert result.returncode == 1 and "none.txt is missing" in result.stderr
+    assert not (app / ".venv").exists()
+
+
+def test_the_constraints_pin_every_package_a_production_install_pulls_in() -> None:
+    """A new dependency (or a plugin's) without a refreshed deploy/constraints.txt
+    would be installed at whatever version is newest on deployment day."""
+    fresh = subprocess.run(
+        [sys.executable, str(DEPLOY / "scripts" / "freeze-constraints.py")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    needed = {line.split("==")[0] for line in fresh.stdout.splitlines() if line and not line.startswith("#")}
+    assert {"fastapi", "gunicorn", "uvicorn-worker", "pymongo", "aiosmtplib"} <= needed
+    committed = {}
+    for line in (DEPLOY / "constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            assert version, f"constraints.txt: {line!r} is not an exact pin (name==version)"
+            committed[name] = version
+    assert not [name for name in committed if name.startswith("innova-")]  # workspace packages are not pinned
+    missing = sorted(needed - committed.keys())
+    assert not missing, f"not pinned in deploy/constraints.txt (refresh it, README 'Dependency pins'): {missing}"
