@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # The check from the operations notes: does MongoDB answer as the app user?
 #   sudo deploy/mongo/ping.sh           (reads MONGO_URI from the env file)
-# Equivalent by hand:
+# Equivalent by hand (but that puts the password in ps's output):
 #   mongosh "mongodb://appuser:***@127.0.0.1:27017/innova_db?authSource=innova_db" \
 #       --eval 'db.runCommand({ ping: 1 })'
 # Uses the host's mongosh if installed, else the one in the container.
 # Environment: ENV_FILE (default /etc/innovaplus/backend.env), MONGO_URI
-# (overrides the file), MONGO_CONTAINER (default innova-mongo).
+# (overrides the file), MONGO_CONTAINER (default innova-mongo), DOCKER (default docker).
 set -euo pipefail
 
 ENV_FILE=${ENV_FILE:-/etc/innovaplus/backend.env}
@@ -24,10 +24,13 @@ if [[ -z "$MONGO_URI" ]]; then
     exit 1
 fi
 
-eval_js='const r = db.runCommand({ ping: 1 }); printjson(r); if (r.ok !== 1) { quit(1); }'
+# The URI holds the password: it never goes on a command line (ps shows
+# argv to every user). mongosh starts without a connection (--nodb) and
+# connects from the script, reading the URI from its environment;
+# `docker exec -e MONGO_URI` (no value) copies it from this environment.
+export MONGO_URI
+eval_js='const r = connect(process.env.MONGO_URI).runCommand({ ping: 1 }); printjson(r); if (r.ok !== 1) { quit(1); }'
 if command -v mongosh >/dev/null 2>&1; then
-    exec mongosh "$MONGO_URI" --quiet --eval "$eval_js"
+    exec mongosh --nodb --quiet --eval "$eval_js"
 fi
-# The URI holds the password: pass it through the environment, not argv.
-exec docker exec -e MONGO_URI="$MONGO_URI" -e EVAL_JS="$eval_js" "$MONGO_CONTAINER" \
-    sh -c 'exec mongosh "$MONGO_URI" --quiet --eval "$EVAL_JS"'
+exec "${DOCKER:-docker}" exec -e MONGO_URI "$MONGO_CONTAINER" mongosh --nodb --quiet --eval "$eval_js"

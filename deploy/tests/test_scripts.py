@@ -1,16 +1,21 @@
 """The operations scripts, run for real against stand-ins for the system
-commands they drive (ufw, mongodump): never against this machine's firewall."""
+commands they drive (ufw, mongodump, mongorestore, docker, mongosh, the
+python3 that makes the venv): never against this machine's firewall,
+database or package index."""
 
 from __future__ import annotations
 
 import datetime as dt
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+import pytest
 
 from .conftest import DEPLOY, free_port
 
@@ -429,3 +434,84 @@ def test_the_constraints_pin_every_package_a_production_install_pulls_in() -> No
     assert not [name for name in committed if name.startswith("innova-")]  # workspace packages are not pinned
     missing = sorted(needed - committed.keys())
     assert not missing, f"not pinned in deploy/constraints.txt (refresh it, README 'Dependency pins'): {missing}"
+
+
+# A docker (or mongosh) that records its argv, the environment it was told to
+# pass on with `-e NAME`, and its standard input.
+FAKE_RECORDER = r"""#!/usr/bin/env bash
+set -euo pipefail
+printf '%s\n' "$@" > "$FAKE_LOG"
+: > "$FAKE_LOG.env"
+for name in MONGO_URI MONGO_ROOT_USERNAME MONGO_ROOT_PASSWORD INNOVA_APP_USER INNOVA_APP_PASSWORD INNOVA_DB_NAME; do
+  if [[ -n "${!name:-}" ]]; then echo "$name=${!name}" >> "$FAKE_LOG.env"; fi
+done
+if [[ ! -t 0 ]]; then cat > "$FAKE_LOG.stdin"; fi
+"""
+
+
+def run_with_fakes(script: Path, fake_dir: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("MONGO", "APP_", "INNOVA_", "DB_NAME"))}
+    return subprocess.run(
+        ["bash", str(script)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+        env={**clean, "PATH": f"{fake_dir}:{os.environ['PATH']}", **env},
+    )
+
+
+def test_create_appuser_puts_no_password_on_a_command_line(
+    fake_bin: Callable[[str, str], Path], tmp_path: Path
+) -> None:
+    docker = fake_bin("docker", FAKE_RECORDER)
+    mongo_env = tmp_path / "mongo.env"
+    mongo_env.write_text("MONGO_ROOT_USERNAME=root\nMONGO_ROOT_PASSWORD=r00t-s3cret\nAPP_PASSWORD=app-s3cret\n")
+    log = tmp_path / "docker.args"
+    result = run_with_fakes(
+        DEPLOY / "mongo" / "create-appuser.sh",
+        docker.parent,
+        {"MONGO_ENV_FILE": str(mongo_env), "FAKE_LOG": str(log)},
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    argv = log.read_text()
+    assert "s3cret" not in argv  # ps shows argv to everyone: docker's, and mongosh's in the container
+    assert argv.splitlines()[:2] == ["exec", "-i"] and "mongosh" in argv.splitlines()
+    assert "-p" not in argv.splitlines() and "--password" not in argv
+    passed = dict(line.split("=", 1) for line in (tmp_path / "docker.args.env").read_text().splitlines())
+    assert passed["MONGO_ROOT_PASSWORD"] == "r00t-s3cret" and passed["INNOVA_APP_PASSWORD"] == "app-s3cret"
+    assert passed["INNOVA_DB_NAME"] == "innova_db" and passed["INNOVA_APP_USER"] == "appuser"
+    script = (tmp_path / "docker.args.stdin").read_text()
+    assert script.startswith('db.getSiblingDB("admin").auth(process.env.MONGO_ROOT_USERNAME, process.env.MONGO_ROOT_PASSWORD)')
+    assert (DEPLOY / "mongo" / "initdb" / "01-appuser.js").read_text() in script
+
+
+URI = "mongodb://appuser:app-s3cret@127.0.0.1:27017/innova_db?authSource=innova_db"
+
+
+def test_ping_with_the_hosts_mongosh_keeps_the_uri_off_the_command_line(
+    fake_bin: Callable[[str, str], Path], tmp_path: Path
+) -> None:
+    mongosh = fake_bin("mongosh", FAKE_RECORDER)
+    log = tmp_path / "mongosh.args"
+    result = run_with_fakes(DEPLOY / "mongo" / "ping.sh", mongosh.parent, {"MONGO_URI": URI, "FAKE_LOG": str(log)})
+    assert result.returncode == 0, result.stdout + result.stderr
+    argv = log.read_text().splitlines()
+    assert "--nodb" in argv and not any("s3cret" in arg for arg in argv)
+    assert "connect(process.env.MONGO_URI)" in argv[argv.index("--eval") + 1]
+    assert f"MONGO_URI={URI}" in (tmp_path / "mongosh.args.env").read_text().splitlines()
+
+
+def test_ping_through_the_container_keeps_the_uri_off_the_command_line(
+    fake_bin: Callable[[str, str], Path], tmp_path: Path
+) -> None:
+    if shutil.which("mongosh"):
+        pytest.skip("mongosh is installed here: ping.sh would use it, not the container's")
+    docker = fake_bin("docker", FAKE_RECORDER)
+    log = tmp_path / "docker.args"
+    result = run_with_fakes(DEPLOY / "mongo" / "ping.sh", docker.parent, {"MONGO_URI": URI, "FAKE_LOG": str(log)})
+    assert result.returncode == 0, result.stdout + result.stderr
+    argv = log.read_text().splitlines()
+    assert argv[:4] == ["exec", "-e", "MONGO_URI", "innova-mongo"]  # -e NAME: the value from the environment
+    assert "--nodb" in argv and not any("s3cret" in arg for arg in argv)
+    assert f"MONGO_URI={URI}" in (tmp_path / "docker.args.env").read_text().splitlines()
