@@ -144,3 +144,16 @@ def test_systemd_timeout_outlasts_the_graceful_stop() -> None:
     stop = int(re.search(r"^TimeoutStopSec=(\d+)$", unit, re.M)[1])  # type: ignore[index]
     graceful = int(re.search(r'"GUNICORN_GRACEFUL_TIMEOUT", (\d+)', (DEPLOY / "gunicorn.conf.py").read_text())[1])  # type: ignore[index]
     assert stop > graceful
+
+
+def test_the_runbook_lets_deploy_read_the_plugin_list_but_not_the_secrets() -> None:
+    """remote-deploy.sh runs as `deploy`, which is not in group innova: the
+    directory must let others traverse it (751), plugins.txt be world-readable
+    (644), and the env file stay 640."""
+    text = (DEPLOY / "README.md").read_text()
+    directory = re.search(r"install -d -m (\d+) -o root -g innova /etc/innovaplus\n", text)
+    assert directory is not None
+    assert int(directory.group(1), 8) & 0o001, "others (deploy) cannot traverse /etc/innovaplus"
+    assert int(directory.group(1), 8) & 0o004 == 0, "others could list /etc/innovaplus"
+    assert "install -o root -g root -m 644 /dev/stdin /etc/innovaplus/plugins.txt" in text
+    assert "install -o root -g innova -m 640" in text

@@ -73,9 +73,20 @@ def test_actionlint_catches_a_broken_workflow(tmp_path: Path) -> None:
     broken = tmp_path / ".github" / "workflows" / "broken.yml"
     broken.parent.mkdir(parents=True)
     text = (REPO / ".github" / "workflows" / "deploy-backend.yml").read_text()
-    broken.write_text(text.replace("needs: tests", "needs: no-such-job"))
+    assert "needs: ci-passed" in text
+    broken.write_text(text.replace("needs: ci-passed", "needs: no-such-job"))
     result = _actionlint(broken)
     assert result.returncode != 0 and "no-such-job" in result.stdout
+
+
+def test_a_push_to_main_runs_the_tests_once() -> None:
+    """ci.yml runs on the push; deploy-backend.yml waits for that run rather
+    than calling ci.yml again (which ran every test twice per push)."""
+    ci = (REPO / ".github" / "workflows" / "ci.yml").read_text()
+    deploy = (REPO / ".github" / "workflows" / "deploy-backend.yml").read_text()
+    assert "workflow_call" not in ci and "uses: ./.github/workflows/ci.yml" not in deploy
+    assert "gh run watch" in deploy and "--exit-status" in deploy
+    assert "python3 dev.py -s lint typecheck" in ci and "python3 dev.py -s tests" in ci
 
 
 # -- shellcheck ------------------------------------------------------------------------
