@@ -55,6 +55,8 @@ class Stack:
     ca: Path
     gunicorn_log: Path
     nginx_error_log: Path
+    mongo_uri: str
+    db_name: str
 
     def client(self, **kwargs: Any) -> httpx.Client:
         kwargs.setdefault("base_url", self.https)
@@ -113,7 +115,8 @@ def stack(mongo_uri: str, test_ca: TLSFiles, tmp_path_factory: pytest.TempPathFa
     nginx = require_tool("nginx", "Debian package nginx; `nox -s tests` installs it with apt-get when run as root")
     tmp = tmp_path_factory.mktemp("e2e")
     backend_port = free_port()
-    gunicorn, gunicorn_log = _start_gunicorn(tmp, mongo_uri, backend_port)
+    db_name = f"innova_e2e_{uuid.uuid4().hex[:10]}"
+    gunicorn, gunicorn_log = _start_gunicorn(tmp, mongo_uri, backend_port, DB_NAME=db_name)
     nginx_process = None
     ipv6 = ipv6_loopback()
     layout = render_nginx(
@@ -137,6 +140,8 @@ def stack(mongo_uri: str, test_ca: TLSFiles, tmp_path_factory: pytest.TempPathFa
             ca=test_ca.ca_pem,
             gunicorn_log=gunicorn_log,
             nginx_error_log=layout.prefix / "logs" / "error.log",
+            mongo_uri=mongo_uri,
+            db_name=db_name,
         )
     finally:
         if nginx_process is not None:
@@ -218,6 +223,28 @@ def test_client_max_body_size(stack: Stack) -> None:
             "/auth/login", content=b"x" * (2 * 1024 * 1024), headers={"Content-Type": "application/json"}
         )
     assert response.status_code == 413
+
+
+def test_the_app_sees_what_nginx_forwards(stack: Stack) -> None:
+    """X-Forwarded-Proto: URLs the app builds say https. X-Forwarded-For:
+    nginx replaces what the client sent with the address it saw, so a client
+    cannot pick the IP that sessions record and rate limits count."""
+    pymongo = pytest.importorskip("pymongo")
+    agent = f"e2e-forwarded-{uuid.uuid4().hex[:8]}"
+    with stack.client(headers={"User-Agent": agent}) as client:
+        redirect = client.get("/health/", follow_redirects=False)  # the app's trailing-slash redirect
+        assert redirect.status_code in (307, 308), redirect.text
+        assert redirect.headers["location"].startswith("https://"), redirect.headers["location"]
+        registered = client.post(
+            "/auth/register",
+            json={"email": f"fwd-{uuid.uuid4().hex[:8]}@example.org", "password": "correct horse battery", "name": "E2E"},
+            headers={"X-Forwarded-For": "203.0.113.9", "X-Forwarded-Proto": "http"},
+        )
+        assert registered.status_code == 201, registered.text
+    with pymongo.MongoClient(stack.mongo_uri, serverSelectionTimeoutMS=10_000) as mongo:
+        session = mongo[stack.db_name].sessions.find_one({"user_agent": agent})
+    assert session is not None
+    assert session["ip"] == "127.0.0.1"  # nginx's view of this client, not the spoofed 203.0.113.9
 
 
 def test_chat_stream_arrives_token_by_token(stack: Stack) -> None:
