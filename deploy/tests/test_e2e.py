@@ -237,7 +237,11 @@ def test_the_app_sees_what_nginx_forwards(stack: Stack) -> None:
         assert redirect.headers["location"].startswith("https://"), redirect.headers["location"]
         registered = client.post(
             "/auth/register",
-            json={"email": f"fwd-{uuid.uuid4().hex[:8]}@example.org", "password": "correct horse battery", "name": "E2E"},
+            json={
+                "email": f"fwd-{uuid.uuid4().hex[:8]}@example.org",
+                "password": "correct horse battery",
+                "name": "E2E",
+            },
             headers={"X-Forwarded-For": "203.0.113.9", "X-Forwarded-Proto": "http"},
         )
         assert registered.status_code == 201, registered.text

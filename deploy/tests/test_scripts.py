@@ -222,7 +222,9 @@ def test_restore_reads_the_whole_dump_filtered_to_the_database(
 
 
 def test_restore_keeps_the_path_database_as_auth_source(fake_bin: Callable[[str, str], Path], tmp_path: Path) -> None:
-    result = run_restore(fake_bin, tmp_path, a_dump(tmp_path), MONGO_URI="mongodb://appuser:pw@db.local/innova_db?tls=true")
+    result = run_restore(
+        fake_bin, tmp_path, a_dump(tmp_path), MONGO_URI="mongodb://appuser:pw@db.local/innova_db?tls=true"
+    )
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "mongorestore.args.config").read_text().strip() == (
         'uri: "mongodb://appuser:pw@db.local/?tls=true&authSource=innova_db"'
@@ -482,7 +484,8 @@ def test_create_appuser_puts_no_password_on_a_command_line(
     assert passed["MONGO_ROOT_PASSWORD"] == "r00t-s3cret" and passed["INNOVA_APP_PASSWORD"] == "app-s3cret"
     assert passed["INNOVA_DB_NAME"] == "innova_db" and passed["INNOVA_APP_USER"] == "appuser"
     script = (tmp_path / "docker.args.stdin").read_text()
-    assert script.startswith('db.getSiblingDB("admin").auth(process.env.MONGO_ROOT_USERNAME, process.env.MONGO_ROOT_PASSWORD)')
+    login = 'db.getSiblingDB("admin").auth(process.env.MONGO_ROOT_USERNAME, process.env.MONGO_ROOT_PASSWORD)'
+    assert script.startswith(login)  # mongosh logs in from the script, not from -p
     assert (DEPLOY / "mongo" / "initdb" / "01-appuser.js").read_text() in script
 
 
