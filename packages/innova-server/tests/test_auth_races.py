@@ -9,6 +9,7 @@ import asyncio
 from datetime import UTC, datetime, timedelta
 
 import anyio
+import anyio.lowlevel
 import httpx
 from argon2 import PasswordHasher
 from argon2.exceptions import VerificationError
@@ -16,6 +17,7 @@ from prometheus_client import REGISTRY
 
 from innova_server.auth.passwords import Passwords
 from innova_server.auth.tokens import hash_token, new_token
+from innova_server.testing.server import wait_for
 
 PASSWORD = "correct horse battery"
 NEW_PASSWORD = "tout nouveau mot de passe"
@@ -54,13 +56,14 @@ async def test_logins_racing_a_reset_never_keep_a_session(start_server, db):
     # Costlier than the test default, so many logins are mid-verification when the reset lands.
     server = start_server(argon2_time_cost=2, argon2_memory_cost=8192, argon2_parallelism=1)
     email = "racer@example.com"
-    with httpx.Client(base_url=server.url) as client:
-        assert client.post("/auth/register", json={"email": email, "password": PASSWORD}).status_code == 201
+    async with httpx.AsyncClient(base_url=server.url) as client:
+        assert (await client.post("/auth/register", json={"email": email, "password": PASSWORD})).status_code == 201
     token = plant_reset_token(db, email)
 
     cookies: list[str] = []
     answers: list[int] = []
     reset_done = asyncio.Event()
+    in_full_swing = asyncio.Event()
     after_reset = 0
 
     async def worker() -> None:
@@ -70,14 +73,15 @@ async def test_logins_racing_a_reset_never_keep_a_session(start_server, db):
                 client.cookies.clear()  # no rotation: every login opens a fresh session
                 response = await client.post("/auth/login", json={"email": email, "password": PASSWORD})
                 answers.append(response.status_code)
+                if len(answers) >= 8:
+                    in_full_swing.set()
                 if response.status_code == 200:
                     cookies.append(response.cookies["innova_session"])
                 if reset_done.is_set():
                     after_reset += 1
 
     async def resetter() -> None:
-        while len(answers) < 8:  # the logins are in full swing
-            await asyncio.sleep(0.01)
+        await in_full_swing.wait()
         async with httpx.AsyncClient(base_url=server.url) as client:
             response = await client.post("/auth/reset", json={"token": token, "email": email, "password": NEW_PASSWORD})
         assert response.status_code == 200, response.text
@@ -87,12 +91,12 @@ async def test_logins_racing_a_reset_never_keep_a_session(start_server, db):
 
     assert set(answers) <= {200, 401}, answers
     assert cookies, "no login succeeded before the reset"
-    survivors = [cookie for cookie in cookies if me_status(server, cookie) != 401]
+    survivors = [cookie for cookie in cookies if await asyncio.to_thread(me_status, server, cookie) != 401]
     assert survivors == [], f"{len(survivors)} of {len(cookies)} old-password sessions outlived the reset"
     assert db.sessions.count_documents({}) == 0
-    with httpx.Client(base_url=server.url) as client:
-        assert client.post("/auth/login", json={"email": email, "password": PASSWORD}).status_code == 401
-        assert client.post("/auth/login", json={"email": email, "password": NEW_PASSWORD}).status_code == 200
+    async with httpx.AsyncClient(base_url=server.url) as client:
+        assert (await client.post("/auth/login", json={"email": email, "password": PASSWORD})).status_code == 401
+        assert (await client.post("/auth/login", json={"email": email, "password": NEW_PASSWORD})).status_code == 200
 
 
 async def test_a_rehash_at_login_never_undoes_a_reset(start_server, db):
@@ -121,23 +125,26 @@ async def test_a_rehash_at_login_never_undoes_a_reset(start_server, db):
                     response = await own.post("/auth/login", json={"email": email, "password": PASSWORD})
                     return response.status_code
 
-            async def reset() -> int:
+            async def reset(token: str, chosen: str) -> int:
                 response = await client.post("/auth/reset", json={"token": token, "email": email, "password": chosen})
                 return response.status_code
 
-            codes = await asyncio.wait_for(asyncio.gather(reset(), *[login() for _ in range(6)]), 120)
+            codes = await asyncio.wait_for(asyncio.gather(reset(token, chosen), *[login() for _ in range(6)]), 120)
             assert codes[0] == 200 and set(codes[1:]) <= {200, 401}, codes
             stored = db.users.find_one({"email": email})["password_hash"]
             try:
                 checker.verify(stored, chosen)
             except VerificationError:
-                raise AssertionError(f"round {round_}: a login's re-hash of the old password overwrote the reset")
+                raise AssertionError(
+                    f"round {round_}: a login's re-hash of the old password overwrote the reset"
+                ) from None
             assert db.sessions.count_documents({}) == 0
 
 
 def test_a_session_of_an_older_auth_epoch_is_refused(server, db):
     with httpx.Client(base_url=server.url) as client:
-        assert client.post("/auth/register", json={"email": "epoch@example.com", "password": PASSWORD}).status_code == 201
+        registered = client.post("/auth/register", json={"email": "epoch@example.com", "password": PASSWORD})
+        assert registered.status_code == 201
         assert client.get("/auth/me").status_code == 200
         # A reset bumped the epoch but (crash, race) this session was not deleted.
         db.users.update_one({"email": "epoch@example.com"}, {"$inc": {"auth_epoch": 1}})
@@ -158,7 +165,7 @@ async def test_hashes_run_in_threads_bounded_by_their_own_limiter():
         while not done.is_set():
             most = max(most, int(passwords.limiter.borrowed_tokens))
             waited = max(waited, passwords.limiter.statistics().tasks_waiting)
-            await anyio.sleep(0)
+            await anyio.lowlevel.checkpoint()
 
     async def burst() -> None:
         async with anyio.create_task_group() as group:
@@ -177,8 +184,8 @@ async def test_hashes_run_in_threads_bounded_by_their_own_limiter():
 async def test_me_and_health_answer_while_a_login_burst_hashes(start_server):
     server = start_server(argon2_time_cost=2, argon2_memory_cost=32768, argon2_parallelism=1)
     email = "busy@example.com"
-    with httpx.Client(base_url=server.url) as client:
-        assert client.post("/auth/register", json={"email": email, "password": PASSWORD}).status_code == 201
+    async with httpx.AsyncClient(base_url=server.url) as client:
+        assert (await client.post("/auth/register", json={"email": email, "password": PASSWORD})).status_code == 201
         cookie = client.cookies["innova_session"]
 
     total = 48  # more than anyio's 40 default worker threads
@@ -194,8 +201,8 @@ async def test_me_and_health_answer_while_a_login_burst_hashes(start_server):
 
         before = argon2_runs("verify")
         burst = [asyncio.create_task(login()) for _ in range(total)]
-        while argon2_runs("verify") < before + total // 2:  # the burst is hashing
-            await asyncio.sleep(0.01)
+        # Until the burst is hashing (counted as each verification is queued).
+        await asyncio.to_thread(wait_for, lambda: argon2_runs("verify") >= before + total // 2, 60, what="the burst")
         me = await client.get("/auth/me", headers={"Cookie": f"innova_session={cookie}"})
         health = await client.get("/health")
         answered_after = finished
@@ -240,7 +247,9 @@ def test_legacy_link_names_the_route_for_requests_refused_before_routing(start_s
         )
         assert big.status_code == 413
         assert big.headers["link"] == '</auth/register>; rel="successor-version"'
-        unknown = client.post("/innova/api/auth/nope%0d%0aX-Evil:1", json={}, headers={"Origin": "https://evil.example"})
+        unknown = client.post(
+            "/innova/api/auth/nope%0d%0aX-Evil:1", json={}, headers={"Origin": "https://evil.example"}
+        )
         assert unknown.headers["link"] == '</auth>; rel="successor-version"'
         assert "x-evil" not in unknown.headers
         metrics = client.get("/metrics").text

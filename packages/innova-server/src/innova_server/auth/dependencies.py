@@ -12,7 +12,6 @@ from innova_server.auth.store import UserRecord
 from innova_server.netutil import client_ip
 from innova_server.services import Services
 
-
 # Every dependency is `async def`: FastAPI runs a plain `def` one in anyio's
 # worker-thread pool, where it would queue behind blocking work for nothing.
 
