@@ -5,7 +5,9 @@ garbage-collected mid-flight, and an exception it raises surfaces (if ever)
 as "Task exception was never retrieved". `BackgroundTasks` keeps a strong
 reference until the task ends, logs and counts every failure
 (`innova_background_failures_total{task}`), and on shutdown gives pending
-work a grace period before cancelling it.
+work a grace period before cancelling it; each cancelled task is logged by
+name (and a cancelled mail delivery counts as a mail failure, see
+`auth.recovery`).
 """
 
 from __future__ import annotations
@@ -37,6 +39,9 @@ class BackgroundTasks:
     def _finished(self, name: str, task: asyncio.Task[object]) -> None:
         self._tasks.discard(task)
         if task.cancelled():
+            # Not a failure (shutdown cancels what is left), but never silent:
+            # the name is a fixed label; a mail task counts its own lost mail.
+            log.warning("background task %s cancelled before it finished", name)
             return
         exc = task.exception()
         if exc is not None:

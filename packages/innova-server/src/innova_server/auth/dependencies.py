@@ -12,8 +12,11 @@ from innova_server.auth.store import UserRecord
 from innova_server.netutil import client_ip
 from innova_server.services import Services
 
+# Every dependency is `async def`: FastAPI runs a plain `def` one in anyio's
+# worker-thread pool, where it would queue behind blocking work for nothing.
 
-def get_services(request: Request) -> Services:
+
+async def get_services(request: Request) -> Services:
     services: Services = request.app.state.services
     return services
 
@@ -21,7 +24,7 @@ def get_services(request: Request) -> Services:
 ServicesDep = Annotated[Services, Depends(get_services)]
 
 
-def get_client(request: Request, services: ServicesDep) -> ClientInfo:
+async def get_client(request: Request, services: ServicesDep) -> ClientInfo:
     return ClientInfo(
         ip=client_ip(request, services.settings.trusted_proxies),
         user_agent=request.headers.get("user-agent"),

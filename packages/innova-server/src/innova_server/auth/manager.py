@@ -51,7 +51,12 @@ class AuthManager:
     async def _open_session(self, user: UserRecord, client: ClientInfo) -> NewSession:
         token = new_token()
         await self.sessions.create(
-            hash_token(token), user.id, ttl=self.session_ttl, ip=client.ip, user_agent=client.user_agent
+            hash_token(token),
+            user.id,
+            auth_epoch=user.auth_epoch,
+            ttl=self.session_ttl,
+            ip=client.ip,
+            user_agent=client.user_agent,
         )
         return NewSession(user, token)
 
@@ -74,9 +79,15 @@ class AuthManager:
         by_email = await self.limiter.consume(
             "login_email", limit_key("login:email", email), self.settings.rate_limit_login_email
         )
-        by_ip = await self.limiter.consume(
-            "login_ip", limit_key("login:ip", client.ip), self.settings.rate_limit_login_ip
-        )
+        try:
+            by_ip = await self.limiter.consume(
+                "login_ip", limit_key("login:ip", client.ip), self.settings.rate_limit_login_ip
+            )
+        except AppError:
+            # Refused by the IP window before any check: the address's window
+            # must not pay for it (or one noisy IP could lock a victim out).
+            await self.limiter.refund(by_email)
+            raise
         user = await self.users.by_email(email)
         checked = await self.passwords.verify(user.password_hash if user else None, password)
         if user is None or not checked.ok:
@@ -84,12 +95,23 @@ class AuthManager:
             raise AppError(ErrorCode.INVALID_CREDENTIALS)
         await self.limiter.refund(by_email, by_ip)
         if checked.needs_rehash:
-            await self.users.set_password_hash(user.id, await self.passwords.hash(password))
-            log.info("password hash upgraded user_id=%s", user.id)
+            new_hash = await self.passwords.hash(password)
+            if await self.users.upgrade_password_hash(user.id, user.password_hash, new_hash):
+                log.info("password hash upgraded user_id=%s", user.id)
         if is_well_formed(current_token):
             assert current_token is not None
             await self.sessions.delete(hash_token(current_token))  # rotation
-        return await self._open_session(user, client)
+        session = await self._open_session(user, client)
+        # argon2 took a while: a reset may have changed the password (and
+        # deleted every session) since `user` was read. Checked after the
+        # insert, so either the reset's delete sees this session or this read
+        # sees the reset. /auth/me also refuses a session of an older epoch.
+        if await self.users.auth_epoch(user.id) != user.auth_epoch:
+            await self.sessions.delete(hash_token(session.token))
+            metrics.LOGIN_FAILURES.inc()
+            log.info("login raced a password reset user_id=%s; session withdrawn", user.id)
+            raise AppError(ErrorCode.INVALID_CREDENTIALS)
+        return session
 
     async def logout(self, token: str | None) -> None:
         if is_well_formed(token):

@@ -1,15 +1,22 @@
-"""argon2id hashing, always off the event loop.
+"""argon2id hashing, always off the event loop, on its own bounded set of threads.
 
 A hash takes tens of milliseconds of CPU and 64 MiB of memory on purpose;
 run on the loop it would stall every other request, so both directions go
 through a worker thread (argon2-cffi releases the GIL while it works).
+
+Those threads are bounded by a `CapacityLimiter` of their own, sized to the
+CPU count by default: more concurrent hashes than cores only add memory
+(64 MiB each) and latency, and a login burst must not occupy anyio's shared
+default pool (40 threads), which other blocking work still needs.
 """
 
 from __future__ import annotations
 
+import os
 import secrets
 from dataclasses import dataclass
 
+import anyio
 import anyio.to_thread
 from argon2 import PasswordHasher, Type
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
@@ -26,7 +33,12 @@ class Verification:
 
 
 class Passwords:
-    def __init__(self, *, time_cost: int, memory_cost: int, parallelism: int) -> None:
+    def __init__(
+        self, *, time_cost: int, memory_cost: int, parallelism: int, max_concurrency: int | None = None
+    ) -> None:
+        # Per process: each gunicorn worker bounds itself to the host's CPU count.
+        self.max_concurrency = max_concurrency or os.cpu_count() or 1
+        self.limiter = anyio.CapacityLimiter(self.max_concurrency)
         self._hasher = PasswordHasher(
             time_cost=time_cost, memory_cost=memory_cost, parallelism=parallelism, type=Type.ID
         )
@@ -36,7 +48,7 @@ class Passwords:
 
     async def hash(self, password: str) -> str:
         metrics.ARGON2_OPERATIONS.labels("hash").inc()
-        return await anyio.to_thread.run_sync(self._hasher.hash, password)
+        return await anyio.to_thread.run_sync(self._hasher.hash, password, limiter=self.limiter)
 
     async def verify(self, password_hash: str | None, password: str) -> Verification:
         """Check a password; with `password_hash=None` burn the same time and fail."""
@@ -44,7 +56,7 @@ class Passwords:
             return Verification(False)
         target = password_hash or self._dummy_hash
         metrics.ARGON2_OPERATIONS.labels("verify").inc()
-        ok = await anyio.to_thread.run_sync(self._check, target, password)
+        ok = await anyio.to_thread.run_sync(self._check, target, password, limiter=self.limiter)
         if not ok or password_hash is None:
             return Verification(False)
         return Verification(True, self._hasher.check_needs_rehash(password_hash))

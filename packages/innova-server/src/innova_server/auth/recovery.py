@@ -6,15 +6,18 @@ address has an account: after the rate limits it only schedules the work
 bits (`secrets.token_urlsafe(32)`); only its SHA-256 is stored, with
 `user_id`, `email`, `created_at`, `expires_at` and `used: false`.
 
-`reset` consumes the token with one `find_one_and_update` on
+`reset` first looks the token up (a cheap read, so a wrong token never
+costs an argon2 hash), then hashes the new password, and only then consumes
+the token with one `find_one_and_update` on
 `{token_hash, email, used: false, expires_at > now}`, so of two concurrent
-submissions exactly one wins. Then the new argon2 hash is stored, every
-session of the user is deleted, every other pending link of the user is
-voided, and a "your password was changed" mail goes out. It never logs in.
+submissions exactly one wins, and a failure while hashing leaves the link
+usable. Then the new hash is stored with a new auth epoch, every session of
+the user opened before it is deleted, every other pending link of the user
+is voided, and a "your password was changed" mail goes out. It never logs in.
 
 Mail failures are logged (kind and user id, never the address, link, token,
 password or body) and counted (`innova_mail_failures_total{kind}`); the
-client never sees them.
+client never sees them. So is a delivery cancelled at shutdown.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import logging
 import secrets
 from datetime import timedelta
 from email.message import EmailMessage
+from typing import NoReturn
 
 from bson import ObjectId
 from pymongo import ReturnDocument
@@ -42,6 +46,14 @@ from innova_server.ratelimit import RateLimiter, limit_key
 from innova_server.settings import Settings
 
 log = logging.getLogger("innova.auth.recovery")
+
+# The core's bound on one delivery, whatever the mailer does inside: only a
+# guard against a mailer that never answers. A mailer with a send timeout of
+# its own may say so with a `send_timeout_seconds` attribute; the deadline is
+# then at least that plus a margin, so the core never cuts a send the mailer
+# is still allowed to finish.
+MAIL_DEADLINE_SECONDS = 60.0
+_MAILER_MARGIN_SECONDS = 5.0
 
 FORGOT_ACCEPTED = (
     "Si un compte existe pour cette adresse, un e-mail contenant un lien de réinitialisation vient d'être envoyé."
@@ -76,8 +88,12 @@ class RecoveryManager:
 
     @property
     def mail_deadline(self) -> float:
-        """The core's own bound on one delivery, whatever the mailer does inside."""
-        return self.settings.smtp_timeout_seconds * 4
+        """The core's own bound on one delivery (see MAIL_DEADLINE_SECONDS)."""
+        candidates = [MAIL_DEADLINE_SECONDS, self.settings.smtp_timeout_seconds * 4]
+        own = getattr(self.mailer, "send_timeout_seconds", None)
+        if isinstance(own, int | float) and not isinstance(own, bool) and own > 0:
+            candidates.append(float(own) + _MAILER_MARGIN_SECONDS)
+        return max(candidates)
 
     # -- forgot ----------------------------------------------------------
 
@@ -115,13 +131,23 @@ class RecoveryManager:
 
     async def reset(self, token: str, email: str, password: str) -> None:
         if not is_well_formed(token):  # garbage of any length never reaches the database
-            metrics.PASSWORD_RESETS.labels("invalid_token").inc()
-            raise AppError(ErrorCode.INVALID_TOKEN)
+            self._invalid()
         token_hash = hash_token(token)
+        valid = {"token_hash": token_hash, "email": email, "used": False}
+        # A cheap read first: a wrong, used or expired token never costs argon2.
+        pending = await self.tokens.find_one({**valid, "expires_at": {"$gt": utcnow()}}, {"user_id": True})
+        if pending is None:
+            self._invalid()
+        user_id = str(pending["user_id"])
+        user = await self.users.by_id(user_id)
+        if user is None:  # account deleted since the link was sent
+            self._invalid()
+        # Hash before consuming: if this fails, the link still works.
+        password_hash = await self.passwords.hash(password)
         now = utcnow()
         claim = secrets.token_hex(16)
         doc = await self.tokens.find_one_and_update(
-            {"token_hash": token_hash, "email": email, "used": False, "expires_at": {"$gt": now}},
+            {**valid, "expires_at": {"$gt": now}},
             {"$set": {"used": True, "used_at": now, "claim": claim}},
             projection={"user_id": True},
             return_document=ReturnDocument.AFTER,
@@ -130,16 +156,13 @@ class RecoveryManager:
             # Only our own claim can match: guards against a server that
             # reports no document although this very update applied (DESIGN §2).
             doc = await self.tokens.find_one({"token_hash": token_hash, "claim": claim}, {"user_id": True})
-        if doc is None:
-            metrics.PASSWORD_RESETS.labels("invalid_token").inc()
-            raise AppError(ErrorCode.INVALID_TOKEN)
-        user_id = str(doc["user_id"])
-        user = await self.users.by_id(user_id)
-        if user is None:  # account deleted since the link was sent
-            metrics.PASSWORD_RESETS.labels("invalid_token").inc()
-            raise AppError(ErrorCode.INVALID_TOKEN)
-        await self.users.set_password_hash(user_id, await self.passwords.hash(password))
-        revoked = await self.sessions.delete_all(user_id)
+        if doc is None:  # another submission of this link won
+            self._invalid()
+        epoch = await self.users.replace_password(user_id, password_hash)
+        if epoch is None:  # account deleted meanwhile
+            self._invalid()
+        # Sessions of the new epoch (a login with the new password, just now) stay.
+        revoked = await self.sessions.delete_all(user_id, except_epoch=epoch)
         # Any other link mailed earlier dies with this one.
         await self.tokens.update_many(
             {"user_id": ObjectId(user_id), "used": False}, {"$set": {"used": True, "used_at": now}}
@@ -148,6 +171,11 @@ class RecoveryManager:
         log.info("password reset done user_id=%s sessions_revoked=%d", user_id, revoked)
         notice = password_changed_mail(self.settings, to=user.email, name=user.name, now=now)
         self.tasks.spawn("password_changed_mail", self.deliver("password_changed", notice, user_id=user_id))
+
+    @staticmethod
+    def _invalid() -> NoReturn:
+        metrics.PASSWORD_RESETS.labels("invalid_token").inc()
+        raise AppError(ErrorCode.INVALID_TOKEN)
 
     # -- delivery --------------------------------------------------------
 
@@ -161,6 +189,11 @@ class RecoveryManager:
             # MailerError texts are written to be logged (no credentials, no body).
             log.error("mail %s for user_id=%s not delivered: %s", kind, user_id, exc)
             return False
+        except asyncio.CancelledError:
+            # Shutdown cancelled the delivery: the mail is lost all the same.
+            metrics.MAIL_FAILURES.labels(kind).inc()
+            log.error("mail %s for user_id=%s not delivered: cancelled at shutdown", kind, user_id)
+            raise
         except TimeoutError:
             metrics.MAIL_FAILURES.labels(kind).inc()
             log.error(

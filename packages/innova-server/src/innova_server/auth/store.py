@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from bson import ObjectId
+from pymongo import ReturnDocument
 from pymongo.errors import DuplicateKeyError
 
 from innova_server.db import Database, Document
@@ -25,6 +26,9 @@ class UserRecord:
     name: str | None
     password_hash: str
     created_at: datetime
+    # Bumped by every password reset; a session is only valid for the epoch it
+    # was opened in (accounts created before the field existed are epoch 0).
+    auth_epoch: int = 0
 
     @classmethod
     def from_doc(cls, doc: Document) -> UserRecord:
@@ -34,6 +38,7 @@ class UserRecord:
             name=doc.get("name"),
             password_hash=doc["password_hash"],
             created_at=doc["created_at"],
+            auth_epoch=int(doc.get("auth_epoch") or 0),
         )
 
 
@@ -74,10 +79,34 @@ class UserStore:
         doc = await self.collection.find_one({"_id": oid}) if oid else None
         return UserRecord.from_doc(doc) if doc else None
 
-    async def set_password_hash(self, user_id: str, password_hash: str) -> None:
-        await self.collection.update_one(
-            {"_id": ObjectId(user_id)}, {"$set": {"password_hash": password_hash, "updated_at": utcnow()}}
+    async def upgrade_password_hash(self, user_id: str, old_hash: str, new_hash: str) -> bool:
+        """Replace `old_hash` by a re-hash of the same password, only if it is still stored.
+
+        Conditional, so that a login that verified the old password can never
+        write it back over a reset that landed meanwhile.
+        """
+        result = await self.collection.update_one(
+            {"_id": ObjectId(user_id), "password_hash": old_hash},
+            {"$set": {"password_hash": new_hash, "updated_at": utcnow()}},
         )
+        return result.modified_count == 1
+
+    async def replace_password(self, user_id: str, password_hash: str) -> int | None:
+        """Store a new password and start a new auth epoch; the new epoch, or None if the user is gone."""
+        doc = await self.collection.find_one_and_update(
+            {"_id": ObjectId(user_id)},
+            {"$set": {"password_hash": password_hash, "updated_at": utcnow()}, "$inc": {"auth_epoch": 1}},
+            projection={"auth_epoch": True},
+            return_document=ReturnDocument.AFTER,
+        )
+        if doc is None:  # SecantusDB may report no document for an update that applied (DESIGN §2)
+            doc = await self.collection.find_one({"_id": ObjectId(user_id), "password_hash": password_hash})
+        return int(doc.get("auth_epoch") or 0) if doc else None
+
+    async def auth_epoch(self, user_id: str) -> int | None:
+        """The user's current auth epoch, or None if the account is gone."""
+        doc = await self.collection.find_one({"_id": ObjectId(user_id)}, {"auth_epoch": True})
+        return int(doc.get("auth_epoch") or 0) if doc else None
 
 
 class SessionStore:
@@ -85,7 +114,7 @@ class SessionStore:
         self.collection = db.sessions
 
     async def create(
-        self, token_hash: str, user_id: str, *, ttl: timedelta, ip: str, user_agent: str | None
+        self, token_hash: str, user_id: str, *, auth_epoch: int, ttl: timedelta, ip: str, user_agent: str | None
     ) -> datetime:
         now = utcnow()
         expires_at = now + ttl
@@ -93,6 +122,7 @@ class SessionStore:
             {
                 "token_hash": token_hash,
                 "user_id": ObjectId(user_id),
+                "auth_epoch": auth_epoch,
                 "created_at": now,
                 "expires_at": expires_at,
                 "ip": ip,
@@ -105,12 +135,15 @@ class SessionStore:
         """The live session's user, in one round trip (`$lookup`), or None.
 
         Expiry is checked here too: MongoDB's TTL monitor only runs once a minute.
+        So is the auth epoch: a session opened before the user's last password
+        reset (a login that raced the reset) is dead even if it was not deleted.
         """
         pipeline: list[dict[str, Any]] = [
             {"$match": {"token_hash": token_hash, "expires_at": {"$gt": utcnow()}}},
             {"$limit": 1},
             {"$lookup": {"from": "users", "localField": "user_id", "foreignField": "_id", "as": "user"}},
             {"$unwind": "$user"},
+            {"$match": {"$expr": {"$eq": [{"$ifNull": ["$auth_epoch", 0]}, {"$ifNull": ["$user.auth_epoch", 0]}]}}},
             {"$replaceRoot": {"newRoot": "$user"}},
         ]
         cursor = await self.collection.aggregate(pipeline)
@@ -121,6 +154,10 @@ class SessionStore:
     async def delete(self, token_hash: str) -> None:
         await self.collection.delete_one({"token_hash": token_hash})
 
-    async def delete_all(self, user_id: str) -> int:
-        result = await self.collection.delete_many({"user_id": ObjectId(user_id)})
+    async def delete_all(self, user_id: str, *, except_epoch: int | None = None) -> int:
+        """Delete the user's sessions (but those opened in `except_epoch`, i.e. with the new password)."""
+        query: Document = {"user_id": ObjectId(user_id)}
+        if except_epoch is not None:
+            query["auth_epoch"] = {"$ne": except_epoch}  # `$ne` also matches sessions without the field
+        result = await self.collection.delete_many(query)
         return result.deleted_count
