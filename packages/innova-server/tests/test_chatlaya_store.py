@@ -73,8 +73,15 @@ async def test_message_pages_with_identical_created_at_are_complete_and_duplicat
     ids = [ObjectId() for _ in range(17)]
     db.messages.insert_many(
         [
-            {"_id": oid, "conversation_id": conversation_id, "user_id": ObjectId(), "role": "user",
-             "content": str(index), "created_at": same, "status": "complete"}
+            {
+                "_id": oid,
+                "conversation_id": conversation_id,
+                "user_id": ObjectId(),
+                "role": "user",
+                "content": str(index),
+                "created_at": same,
+                "status": "complete",
+            }
             for index, oid in enumerate(ids)
         ]
     )
