@@ -4,13 +4,17 @@ A turn has two phases, and the split is the contract's:
 
 1. *Before the stream opens* (`ChatService.open_turn`): rate limit, the
    conversation (404), a stream slot (429), the user message stored, the
-   provider started and its first chunk awaited for up to `CHAT_PING_SECONDS`.
-   Any failure here — including a provider that fails before its first
-   chunk — is an ordinary JSON error, and leaves nothing behind (the user
-   message is removed, the slot released), so the client may simply retry.
+   provider started and its first chunk awaited for up to `CHAT_PING_SECONDS`,
+   then the conversation's title and `updated_at` set. Any failure here —
+   including a provider that fails before its first chunk — is an ordinary
+   JSON error, and leaves nothing behind (the user message is removed, the
+   slot released, the conversation untouched), so the client may simply retry.
 2. *The stream* (`ChatTurn`): tokens as they come; a provider failure becomes
    `error` + `done`. The assistant message is written once, at the end, with
-   its status; the slot is released however the stream ends.
+   its status; the slot is released however the stream ends (shielded from a
+   second cancellation). A database failure on that write still ends the
+   stream with `error` (`database_unavailable`, retryable) + `done`. A `: ping`
+   goes out only after `CHAT_PING_SECONDS` with nothing sent.
 
 Database round trips per turn are a constant (about ten), whatever the length
 of the reply: tokens are only accumulated in memory.
@@ -519,15 +523,16 @@ class ChatService:
         turn: ChatTurn | None = None
         try:
             recent = await self.messages.recent(conversation.id, limit=HISTORY_MESSAGES)
-            now = utcnow()
-            user_message = await self.messages.add(
-                conversation_id=conversation.id, user_id=user_id, role="user", content=content, created_at=now
-            )
             request = ChatRequest(
                 messages=build_history(settings.chat_system_prompt, recent, content, settings.chat_history_chars),
                 model=self.model,
                 max_tokens=settings.chat_max_tokens,
                 temperature=settings.chat_temperature,
+            )
+            now = utcnow()
+            # From here every failure goes through `turn.abandon()`, which deletes this message.
+            user_message = await self.messages.add(
+                conversation_id=conversation.id, user_id=user_id, role="user", content=content, created_at=now
             )
             context = TurnContext(
                 user_id=user_id,
