@@ -7,14 +7,17 @@ production loads them.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import re
 import subprocess
 import sys
 import textwrap
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -99,12 +102,79 @@ def test_unknown_provider_and_model_fail_listing_what_is_installed(plugin_dir, m
     with pytest.raises(ConfigError) as info:
         create_app(make_settings(provider="nope"))
     message = info.value.lines[0]
-    assert message.startswith("PROVIDER='nope' is not installed. Installed providers: ")
+    # The broken plugin leads: the missing name may well be its.
+    assert message.startswith(
+        "PROVIDER='nope' is not installed; it may come from broken plugin 'brokenplug': "
+        "ImportError: missing dependency: libfoo. Installed providers: "
+    )
     assert {"badfactory", "echo"} <= installed_providers(message)  # (other packages may be installed too)
-    assert "brokenplug (ImportError: missing dependency: libfoo)" in message
     with pytest.raises(ConfigError) as info:
         create_app(make_settings(chat_model="gpt-4o"))
     assert info.value.lines == ["CHAT_MODEL='gpt-4o' is not a model of provider 'echo': echo."]
+
+
+def test_unknown_provider_without_broken_plugins_lists_what_is_installed(make_settings):
+    with pytest.raises(ConfigError) as info:
+        create_app(make_settings(provider="nope"))
+    message = info.value.lines[0]
+    assert message.startswith("PROVIDER='nope' is not installed. Installed providers: ")
+    assert "broken" not in message
+
+
+def test_several_broken_plugins_are_all_named_first(plugin_dir, make_settings):
+    install_fake_plugin(plugin_dir, "alsobroken", "raise RuntimeError('bad config')\n")
+    importlib.invalidate_caches()
+    with pytest.raises(ConfigError) as info:
+        create_app(make_settings(provider="nope"))
+    lead = info.value.lines[0].split(" Installed providers: ")[0]
+    assert lead.startswith("PROVIDER='nope' is not installed; it may come from a broken plugin: ")
+    assert "'brokenplug': ImportError: missing dependency: libfoo" in lead
+    assert "'alsobroken': RuntimeError: bad config" in lead
+
+
+def test_a_plugin_calling_sys_exit_on_import_does_not_stop_the_server(plugin_dir, start_server):
+    install_fake_plugin(plugin_dir, "exitplug", "import sys\nsys.exit('no GPU here')\n")
+    importlib.invalidate_caches()
+    server = start_server()
+    with httpx.Client(base_url=server.url) as client:
+        assert client.get("/health").status_code == 200
+    assert server.services.plugins.errors["exitplug"] == "SystemExit: no GPU here"
+    assert server.services.provider_entry.name == "echo"
+
+
+def test_a_misspelt_hook_is_that_plugins_error(plugin_dir, make_settings):
+    install_fake_plugin(
+        plugin_dir,
+        "typoplug",
+        """
+        from innova_server.plugins import hookimpl
+
+        @hookimpl
+        def innova_register_provider(register):  # missing "s": pluggy alone would never call it
+            register("typo", lambda settings: None)
+        """,
+    )
+    importlib.invalidate_caches()
+    registry = PluginRegistry.load(make_settings())
+    assert registry.errors["typoplug"] == (
+        "PluginError: unknown hook 'innova_register_provider' "
+        "(known hooks: innova_register_mailers, innova_register_providers)"
+    )
+    assert "typo" not in registry.providers
+    assert "echo" in registry.providers and "badfactory" in registry.providers
+
+
+class ExitingHook:
+    @hookimpl
+    def innova_register_providers(self, register: RegisterProvider) -> None:
+        raise SystemExit(1)
+
+
+def test_a_hook_calling_sys_exit_is_reported_and_skipped(start_server):
+    with registered(ExitingHook(), name="exiting"):
+        server = start_server()
+    assert server.services.plugins.errors["exiting"] == "SystemExit: 1"
+    assert server.services.provider_entry.name == "echo"
 
 
 def test_allow_list_skips_other_plugins(plugin_dir, make_settings):
@@ -132,7 +202,7 @@ def test_asgi_entry_point_prints_one_line_and_exits_3_on_unknown_provider(plugin
         [sys.executable, "-c", "import innova_server.asgi"], env=env, capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 3
-    expected = "innova: configuration error: PROVIDER='nope' is not installed. Installed providers: "
+    expected = "innova: configuration error: PROVIDER='nope' is not installed; it may come from broken plugin"
     assert expected in result.stderr
     assert {"badfactory", "echo"} <= installed_providers(result.stderr)
     assert "Traceback" not in result.stderr
@@ -214,3 +284,44 @@ def test_conformance_suite_rejects_a_provider_blocking_the_loop():
     suite = ProviderConformance()
     with pytest.raises(AssertionError, match="event loop was blocked"):
         suite.test_never_blocks_the_event_loop(BlockingProvider)
+
+
+class RunawayThreadProvider:
+    """Generates in a thread that closing the iterator never tells to stop (until `release`)."""
+
+    release = threading.Event()
+
+    async def stream(self, request: ChatRequest) -> AsyncIterator[ChatChunk]:
+        threading.Thread(target=self.release.wait, args=(30,), name="runaway", daemon=True).start()
+        yield ChatChunk(text="a")
+        yield ChatChunk(text="b")
+
+    async def aclose(self) -> None:
+        return None
+
+
+def test_conformance_suite_rejects_a_provider_whose_work_outlives_aclose():
+    suite = ProviderConformance()
+    suite.stop_timeout = 0.3
+    try:
+        with pytest.raises(AssertionError, match=r"still running .* after aclose\(\): thread 'runaway'"):
+            suite.test_closing_the_iterator_stops_the_stream(RunawayThreadProvider)
+    finally:
+        RunawayThreadProvider.release.set()
+
+
+def test_conformance_suite_calls_the_assert_stopped_hook():
+    class Suite(ProviderConformance):
+        def assert_stopped(self, provider: Any) -> None:
+            raise AssertionError(f"hook saw {type(provider).__name__}")
+
+    with pytest.raises(AssertionError, match="hook saw EchoLike"):
+        Suite().test_streams_text_chunks(EchoLike)
+
+
+class EchoLike:
+    async def stream(self, request: ChatRequest) -> AsyncIterator[ChatChunk]:
+        yield ChatChunk(text="ok")
+
+    async def aclose(self) -> None:
+        return None

@@ -124,6 +124,10 @@ def registered(plugin: object, name: str | None = None) -> Iterator[None]:
         _extra_plugins.remove(entry)
 
 
+class PluginError(Exception):
+    """A plugin breaks the plugin contract (e.g. implements a hook that does not exist)."""
+
+
 def _error_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
@@ -151,7 +155,9 @@ class PluginRegistry:
             version = entry_point.dist.version if entry_point.dist else None
             try:
                 plugin = entry_point.load()
-            except Exception as exc:  # a broken plugin must not take the server down
+            except KeyboardInterrupt:
+                raise
+            except BaseException as exc:  # a broken plugin must not take the server down, even by sys.exit()
                 registry._failed(entry_point.name, version, exc)
                 continue
             registry._add(entry_point.name, plugin, version=version)
@@ -168,6 +174,14 @@ class PluginRegistry:
             self.pm.register(plugin, name=name)
         except Exception as exc:  # e.g. a hookimpl with a wrong signature
             self._failed(name, version, exc)
+            return
+        unknown = self._unknown_hooks(plugin)
+        if unknown:
+            # pluggy accepts any `@hookimpl` name and silently never calls it:
+            # a misspelt hook would leave the plugin registering nothing.
+            self.pm.unregister(plugin)
+            known = ", ".join(sorted(hook for hook in dir(Hookspecs) if hook.startswith("innova_")))
+            self._failed(name, version, PluginError(f"unknown hook {', '.join(unknown)} (known hooks: {known})"))
             return
         info = PluginInfo(name, version)
         self.plugins[name] = info
@@ -201,11 +215,23 @@ class PluginRegistry:
                     continue
                 try:
                     impl.function(**{arg: register for arg in impl.argnames if arg == "register"})
-                except Exception as exc:
+                except KeyboardInterrupt:
+                    raise
+                except BaseException as exc:
                     self.pm.unregister(plugin)
                     self._drop(name)
                     self._failed(name, version, exc)
                     return
+
+    def _unknown_hooks(self, plugin: object) -> list[str]:
+        """This plugin's hookimpls that match no hookspec (what `pm.check_pending()` finds, per plugin)."""
+        unknown = []
+        for caller in self.pm.get_hookcallers(plugin) or []:
+            if caller.has_spec():
+                continue
+            if any(impl.plugin is plugin and not impl.optionalhook for impl in caller.get_hookimpls()):
+                unknown.append(repr(caller.name))
+        return sorted(unknown)
 
     def _drop(self, plugin_name: str) -> None:
         self.providers = {k: v for k, v in self.providers.items() if v.plugin != plugin_name}
@@ -218,9 +244,14 @@ class PluginRegistry:
         return {name: info.error for name, info in self.plugins.items() if info.error}
 
     def _broken_hint(self) -> str:
-        if not self.errors:
-            return ""
-        return " Plugins that failed to load: " + "; ".join(f"{n} ({e})" for n, e in self.errors.items()) + "."
+        """Leads the "not installed" error: a name that is missing may well be a broken plugin's."""
+        errors = self.errors
+        if not errors:
+            return "."
+        if len(errors) == 1:
+            ((name, error),) = errors.items()
+            return f"; it may come from broken plugin {name!r}: {error}."
+        return "; it may come from a broken plugin: " + "; ".join(f"{n!r}: {e}" for n, e in errors.items()) + "."
 
     def provider_entry(self, name: str) -> ProviderEntry:
         entry = self.providers.get(name)
@@ -230,7 +261,7 @@ class PluginRegistry:
         if entry is None:
             installed = ", ".join(sorted(self.providers)) or "none"
             raise ConfigError(
-                [f"PROVIDER={name!r} is not installed. Installed providers: {installed}.{self._broken_hint()}"]
+                [f"PROVIDER={name!r} is not installed{self._broken_hint()} Installed providers: {installed}."]
             )
         return entry
 
@@ -252,7 +283,7 @@ class PluginRegistry:
             installed = ", ".join(sorted(self.mailers)) or "none"
             hint = " (install innova-mailer for SMTP)" if name == "smtp" else ""
             raise ConfigError(
-                [f"MAILER={name!r} is not installed{hint}. Installed mailers: {installed}.{self._broken_hint()}"]
+                [f"MAILER={name!r} is not installed{hint}{self._broken_hint()} Installed mailers: {installed}."]
             )
         return entry
 
@@ -285,6 +316,7 @@ __all__ = [
     "ENTRY_POINT_GROUP",
     "MailerEntry",
     "MailerFactory",
+    "PluginError",
     "PluginInfo",
     "PluginRegistry",
     "ProviderEntry",

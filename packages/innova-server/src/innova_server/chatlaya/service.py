@@ -4,13 +4,17 @@ A turn has two phases, and the split is the contract's:
 
 1. *Before the stream opens* (`ChatService.open_turn`): rate limit, the
    conversation (404), a stream slot (429), the user message stored, the
-   provider started and its first chunk awaited for up to `CHAT_PING_SECONDS`.
-   Any failure here — including a provider that fails before its first
-   chunk — is an ordinary JSON error, and leaves nothing behind (the user
-   message is removed, the slot released), so the client may simply retry.
+   provider started and its first chunk awaited for up to `CHAT_PING_SECONDS`,
+   then the conversation's title and `updated_at` set. Any failure here —
+   including a provider that fails before its first chunk — is an ordinary
+   JSON error, and leaves nothing behind (the user message is removed, the
+   slot released, the conversation untouched), so the client may simply retry.
 2. *The stream* (`ChatTurn`): tokens as they come; a provider failure becomes
    `error` + `done`. The assistant message is written once, at the end, with
-   its status; the slot is released however the stream ends.
+   its status; the slot is released however the stream ends (shielded from a
+   second cancellation). A database failure on that write still ends the
+   stream with `error` (`database_unavailable`, retryable) + `done`. A `: ping`
+   goes out only after `CHAT_PING_SECONDS` with nothing sent.
 
 Database round trips per turn are a constant (about ten), whatever the length
 of the reply: tokens are only accumulated in memory.
@@ -21,10 +25,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any, TypeVar
 
 from bson import ObjectId
 
@@ -55,6 +61,8 @@ from innova_server.settings import Settings
 
 log = logging.getLogger("innova.chatlaya")
 
+T = TypeVar("T")
+
 # How many recent messages are read to build the history (then cut to the budget).
 HISTORY_MESSAGES = 100
 # A stream slot's lease; a live stream renews it, a crashed worker's slot expires.
@@ -65,6 +73,38 @@ STREAM_RETRY_AFTER = 5
 CANCEL_GRACE_SECONDS = 5.0
 
 _END = object()
+
+# Sent when the reply could not be saved at the end of the stream.
+STORAGE_FAILED = {
+    "code": ErrorCode.DATABASE_UNAVAILABLE.value,
+    "message": "The reply could not be saved; send the message again.",
+    "retryable": True,
+}
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+# Work that must finish even if its caller is cancelled (see `_shielded`).
+_BACKGROUND: set[asyncio.Task[Any]] = set()
+
+
+def clean_text(text: str) -> str:
+    """`text` with lone surrogates (from a broken decoder) replaced by U+FFFD.
+
+    They cannot be encoded as UTF-8 (the socket) nor as BSON (the database).
+    """
+    return _SURROGATE.sub("\ufffd", text)
+
+
+async def _shielded(work: Coroutine[Any, Any, T]) -> T:
+    """`await work` in a task of its own that a cancellation of the caller does not stop.
+
+    The caller still gets its CancelledError at once; the task is kept
+    referenced until it ends, so it cannot be garbage-collected half-way.
+    """
+    task = asyncio.ensure_future(work)
+    _BACKGROUND.add(task)
+    task.add_done_callback(_BACKGROUND.discard)
+    return await asyncio.shield(task)
 
 
 def provider_app_error(error: ProviderError) -> AppError:
@@ -127,12 +167,14 @@ class ChatTurn:
         request: ChatRequest,
         messages: MessageStore,
         slots: StreamSlots,
+        conversations: ConversationStore,
     ) -> None:
         self.context = context
         self._provider = provider
         self._request = request
         self._messages = messages
         self._slots = slots
+        self._conversations = conversations
         # Bounded: a slow client slows the provider down instead of filling memory.
         self._queue: asyncio.Queue[object] = asyncio.Queue(maxsize=256)
         self._pending: list[object] = []
@@ -141,6 +183,7 @@ class ChatTurn:
         self._finish_reason: str | None = None
         self._usage: Usage | None = None
         self._finished = False
+        self._closing = False
         self._slot_renewed = time.monotonic()
         self.status: MessageStatus | None = None
 
@@ -202,35 +245,46 @@ class ChatTurn:
         ]
 
     async def next_events(self, silence_seconds: float) -> list[Event]:
-        if self._finished:
-            return []
-        await self._renew_slot_if_due()
-        if self._pending:
-            item = self._pending.pop(0)
-        elif not self._queue.empty():
-            item = self._queue.get_nowait()
-        else:
-            try:
-                async with asyncio.timeout(silence_seconds):
-                    item = await self._queue.get()
-            except TimeoutError:
-                return []
+        """The next events, or `[]` once `silence_seconds` passed with nothing to send.
+
+        A chunk without text (the final `finish_reason`/`usage` chunk, a
+        provider's keep-alive) produces no event: waiting goes on until the
+        same deadline, so `[]` — a ping — really means that much silence.
+        """
+        deadline = asyncio.get_running_loop().time() + silence_seconds
+        while not self._finished:
+            await self._renew_slot_if_due()
+            if self._pending:
+                item = self._pending.pop(0)
+            elif not self._queue.empty():
+                item = self._queue.get_nowait()
+            else:
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        item = await self._queue.get()
+                except TimeoutError:
+                    return []
+            events = await self._events_from(item)
+            if events:
+                return events
+        return []
+
+    async def _events_from(self, item: object) -> list[Event]:
+        """Events for `item` and whatever else is already waiting, coalesced into one write."""
         events: list[Event] = []
         texts: list[str] = []
         while True:
             if isinstance(item, ChatChunk):
                 if item.text:
-                    texts.append(item.text)
+                    texts.append(clean_text(item.text))
                 if item.finish_reason:
                     self._finish_reason = item.finish_reason
                 if item.usage:
                     self._usage = item.usage
             else:
                 events.extend(self._token_events(texts))
-                texts = []
                 events.extend(await self._end(item))
                 return events
-            # Coalesce what is already waiting into one write to the socket.
             if self._queue.empty():
                 break
             item = self._queue.get_nowait()
@@ -245,39 +299,64 @@ class ChatTurn:
         return [Event("token", {"text": text}) for text in texts]
 
     async def _end(self, item: object) -> list[Event]:
-        message_id = str(self.context.message_id)
+        """The closing events; the message is stored first, so `done` means "in the history"."""
+        error: dict[str, Any] | None = None
         if isinstance(item, ProviderError):
-            await self._finish("error", "error")
-            return [
-                Event("error", {"code": item.code, "message": item.message, "retryable": item.retryable}),
-                Event("done", {"message_id": message_id, "finish_reason": "error", "usage": self._usage_dict()}),
-            ]
-        finish_reason = self._finish_reason or "stop"
-        await self._finish("complete", finish_reason)
-        return [Event("done", {"message_id": message_id, "finish_reason": finish_reason, "usage": self._usage_dict()})]
+            finish_reason = "error"
+            error = {"code": item.code, "message": item.message, "retryable": item.retryable}
+            stored = await self._finish("error", finish_reason)
+        else:
+            finish_reason = self._finish_reason or "stop"
+            stored = await self._finish("complete", finish_reason)
+        if not stored:
+            # Said but not saved: the client must not believe the reply is in
+            # the history. A provider failure, when there was one, stays the
+            # one `error` the client is told about.
+            finish_reason = "error"
+            error = error or STORAGE_FAILED
+        done = {"message_id": str(self.context.message_id), "finish_reason": finish_reason, "usage": self._usage_dict()}
+        return [Event("error", error), Event("done", done)] if error else [Event("done", done)]
 
     async def close(self) -> None:
-        """The client went away: stop the provider, keep what was said as `incomplete`."""
-        if self._finished:
+        """The client went away: stop the provider, keep what was said as `incomplete`.
+
+        Shielded as a whole: stopping the provider may take up to
+        `CANCEL_GRACE_SECONDS`, and a second cancellation in that time (the
+        server stopping) must still see the message written and the slot freed.
+        """
+        if self._finished or self._closing:
             return
-        await self._stop_provider()
-        # Chunks already produced but not yet sent were still said by the model.
-        for item in [*self._pending, *self._drain()]:
-            if isinstance(item, ChatChunk) and item.text:
-                self._parts.append(item.text)
-        await self._finish("incomplete", "cancelled")
+        self._closing = True
+        await _shielded(self._close())
+
+    async def _close(self) -> None:
+        try:
+            await self._stop_provider()
+        finally:
+            # Chunks already produced but not yet sent were still said by the model.
+            for item in [*self._pending, *self._drain()]:
+                if isinstance(item, ChatChunk) and item.text:
+                    self._parts.append(clean_text(item.text))
+            await self._finish("incomplete", "cancelled")
 
     async def abandon(self) -> None:
-        """The stream never opened (the request failed first): undo the turn entirely."""
+        """The stream never opened (the request failed first): undo the turn entirely (shielded)."""
         if self._finished:
             return
         self._finished = True
-        await self._stop_provider()
-        await asyncio.shield(self._undo())
+        await _shielded(self._abandon())
+
+    async def _abandon(self) -> None:
+        try:
+            await self._stop_provider()
+        finally:
+            await self._undo()
 
     async def _undo(self) -> None:
         try:
             await self._messages.delete(self.context.user_message_id)
+        except Exception:  # the request fails anyway; say so in the log, free the slot
+            log.exception("could not delete the user message of a failed turn")
         finally:
             metrics.CHAT_ACTIVE.dec()
             await self._slots.release(self.context.slot)
@@ -311,17 +390,24 @@ class ChatTurn:
             self._slot_renewed = time.monotonic()
             await self._slots.renew(self.context.slot)
 
-    async def _finish(self, status: MessageStatus, finish_reason: str) -> None:
+    async def _finish(self, status: MessageStatus, finish_reason: str) -> bool:
         """Write the assistant message (once) and give the slot back, whatever happens.
 
         Shielded: a disconnect (or shutdown) that cancels the stream while
-        this runs must not lose the message or leak the slot.
+        this runs must not lose the message or leak the slot. True when the
+        message was stored; a database failure is logged (without the
+        content) and reported as False, so the stream can still end cleanly.
         """
         if self._finished:
-            return
+            return True
         self._finished = True
         self.status = status
-        await asyncio.shield(self._record(status, finish_reason))
+        try:
+            await _shielded(self._record(status, finish_reason))
+        except Exception:
+            log.exception("could not store the assistant message %s", self.context.message_id)
+            return False
+        return True
 
     async def _record(self, status: MessageStatus, finish_reason: str) -> None:
         context = self.context
@@ -339,6 +425,11 @@ class ChatTurn:
                 finish_reason=finish_reason,
                 usage=self._usage_dict(),
             )
+            # Deleted while it streamed? `delete_conversation` removes the
+            # conversation before its messages, so either its `delete_many`
+            # saw this message, or this check sees the conversation gone.
+            if not await self._conversations.exists(context.conversation_id):
+                await self._messages.delete(str(context.message_id))
         finally:
             metrics.CHAT_ACTIVE.dec()
             metrics.CHAT_STREAMS.labels(context.provider, status).inc()
@@ -432,16 +523,16 @@ class ChatService:
         turn: ChatTurn | None = None
         try:
             recent = await self.messages.recent(conversation.id, limit=HISTORY_MESSAGES)
-            now = utcnow()
-            user_message = await self.messages.add(
-                conversation_id=conversation.id, user_id=user_id, role="user", content=content, created_at=now
-            )
-            await self.conversations.touch(conversation, now, content if not recent else None)
             request = ChatRequest(
                 messages=build_history(settings.chat_system_prompt, recent, content, settings.chat_history_chars),
                 model=self.model,
                 max_tokens=settings.chat_max_tokens,
                 temperature=settings.chat_temperature,
+            )
+            now = utcnow()
+            # From here every failure goes through `turn.abandon()`, which deletes this message.
+            user_message = await self.messages.add(
+                conversation_id=conversation.id, user_id=user_id, role="user", content=content, created_at=now
             )
             context = TurnContext(
                 user_id=user_id,
@@ -452,9 +543,12 @@ class ChatService:
                 model=self.model,
                 slot=slot,
             )
-            turn = ChatTurn(context, self.provider, request, self.messages, self.slots)
+            turn = ChatTurn(context, self.provider, request, self.messages, self.slots, self.conversations)
             turn.begin()
             await turn.prime(settings.chat_ping_seconds)
+            # Only now, with the stream about to open: a turn refused before it
+            # leaves the conversation as it was (title, place in the list).
+            await self.conversations.touch(conversation, now, content if not recent else None)
             return turn
         except BaseException as error:
             if turn is not None:

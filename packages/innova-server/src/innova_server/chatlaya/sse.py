@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -36,9 +37,25 @@ class Event:
     data: Mapping[str, Any]
 
 
+# Left raw by `json.dumps(ensure_ascii=False)`, yet line breaks to clients that
+# split with `str.splitlines()` (U+0085, U+2028, U+2029), or not encodable as
+# UTF-8 at all (lone surrogates). Written as JSON `\uXXXX` escapes instead:
+# the decoded string is unchanged.
+_UNSAFE = re.compile("[\u0085\u2028\u2029\ud800-\udfff]")
+
+
+def _escape(match: re.Match[str]) -> str:
+    return f"\\u{ord(match[0]):04x}"
+
+
 def encode_event(event: Event) -> bytes:
-    # json.dumps escapes newlines inside strings: every `data:` is one line.
-    return f"event: {event.name}\ndata: {json.dumps(event.data, ensure_ascii=False)}\n\n".encode()
+    """One SSE event; its `data:` is always exactly one line, whatever the text.
+
+    json.dumps escapes CR, LF and the other control characters; `_UNSAFE`
+    covers the rest (see above). Everything else stays readable UTF-8.
+    """
+    data = _UNSAFE.sub(_escape, json.dumps(event.data, ensure_ascii=False))
+    return f"event: {event.name}\ndata: {data}\n\n".encode()
 
 
 class EventSource(Protocol):

@@ -217,6 +217,9 @@ class ConversationStore:
         )
         return ConversationRecord.from_doc(doc) if doc else None
 
+    async def exists(self, conversation_id: str) -> bool:
+        return await self.collection.find_one({"_id": ObjectId(conversation_id)}, projection={"_id": 1}) is not None
+
     async def delete(self, user_id: str, conversation_id: str) -> bool:
         oid = object_id(conversation_id)
         if oid is None:
@@ -381,17 +384,25 @@ class StreamSlots:
         return None
 
     async def _try_push(self, slot: Slot, capacity: int) -> bool:
+        """One conditional `$push`; True when this slot is now held.
+
+        The first stream of a key upserts its document. Two simultaneous first
+        streams both miss the filter (no document yet) and both insert: the
+        loser gets DuplicateKeyError although the array is nearly empty. So a
+        DuplicateKeyError is no answer; the same update is retried without
+        upsert, and only a miss of *that* means the array is full.
+        """
         expires_at = utcnow() + self.lease
+        query = {"_id": slot.key, f"holders.{capacity - 1}": {"$exists": False}}
+        update = {"$push": {"holders": {"id": slot.id, "expires_at": expires_at}}, "$max": {"expires_at": expires_at}}
+        doc: Document | None
         try:
             doc = await self.collection.find_one_and_update(
-                {"_id": slot.key, f"holders.{capacity - 1}": {"$exists": False}},
-                {"$push": {"holders": {"id": slot.id, "expires_at": expires_at}}, "$max": {"expires_at": expires_at}},
-                upsert=True,
-                return_document=ReturnDocument.AFTER,
-                projection={"_id": 1},
+                query, update, upsert=True, return_document=ReturnDocument.AFTER, projection={"_id": 1}
             )
-        except DuplicateKeyError:  # the document exists and its array is full
-            return False
+        except DuplicateKeyError:  # lost the insert race: the document exists now
+            doc = await self.collection.find_one_and_update(query, update, projection={"_id": 1})
+            return doc is not None
         if doc is None:  # SecantusDB's concurrent-upsert quirk (DESIGN §2): check what happened
             doc = await self.collection.find_one({"_id": slot.key, "holders.id": slot.id}, projection={"_id": 1})
         return doc is not None

@@ -31,12 +31,18 @@ What it checks (DESIGN §6): the stream yields `ChatChunk`s of text; their
 concatenation is the reply; closing the iterator (and cancelling the task
 reading it) stops the stream promptly; failures are `ProviderError`
 subclasses only, with a known code; `aclose()` is safe twice; the event loop
-is never blocked for long.
+is never blocked for long; and once `aclose()` returned, the provider's work
+has really stopped: within `stop_timeout`, the threads it started have ended
+and the asyncio tasks it started are done (the loop's default executor,
+shut down by `asyncio.run` itself, is not counted). Override `assert_stopped`
+to check more (a subprocess gone, a server that saw the connection close).
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -60,6 +66,36 @@ class ErrorCase:
     make_provider: Callable[[], ChatProvider]
     expected: type[ProviderError]
     request: ChatRequest | None = None
+
+
+# The thread-name prefix of the event loop's default executor (`asyncio.to_thread`,
+# DNS lookups): idle workers that `asyncio.run` joins when the loop closes.
+_DEFAULT_EXECUTOR_PREFIX = "asyncio_"
+
+
+@dataclass(frozen=True)
+class _Baseline:
+    threads: frozenset[threading.Thread]
+    tasks: frozenset[asyncio.Task[Any]]
+
+    @classmethod
+    def now(cls) -> _Baseline:
+        return cls(frozenset(threading.enumerate()), frozenset(asyncio.all_tasks()))
+
+    def leftovers(self) -> list[str]:
+        """What runs now that did not before: threads (but the default executor's) and tasks."""
+        threads = [
+            f"thread {thread.name!r}"
+            for thread in threading.enumerate()
+            if thread not in self.threads and thread.is_alive() and not thread.name.startswith(_DEFAULT_EXECUTOR_PREFIX)
+        ]
+        current = asyncio.current_task()
+        tasks = [
+            f"task {task.get_name()!r} ({task.get_coro()!r})"
+            for task in asyncio.all_tasks()
+            if task not in self.tasks and task is not current and not task.done()
+        ]
+        return threads + tasks
 
 
 def _run(coro_fn: Callable[[], Awaitable[T]]) -> T:
@@ -116,11 +152,31 @@ class ProviderConformance:
     async def _with_provider(
         self, make_provider: Callable[[], ChatProvider], body: Callable[[ChatProvider], Awaitable[T]]
     ) -> T:
+        baseline = _Baseline.now()
         provider = make_provider()
         try:
-            return await body(provider)
+            result = await body(provider)
         finally:
             await provider.aclose()
+        await self._check_stopped(provider, baseline)
+        return result
+
+    async def _check_stopped(self, provider: ChatProvider, baseline: _Baseline) -> None:
+        deadline = time.monotonic() + self.stop_timeout
+        # Polling: a thread ending signals nothing one could await.
+        while (leftovers := baseline.leftovers()) and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
+        assert not leftovers, f"still running {self.stop_timeout}s after aclose(): {', '.join(leftovers)}"
+        checked = self.assert_stopped(provider)
+        if inspect.isawaitable(checked):
+            await checked
+
+    def assert_stopped(self, provider: ChatProvider) -> Awaitable[None] | None:
+        """Hook: after `aclose()` (and the thread/task check), assert the provider's work stopped.
+
+        May be a plain method or `async def`; the default checks nothing more.
+        """
+        return None
 
     # -- the suite ----------------------------------------------------------------
 
@@ -210,13 +266,16 @@ class ProviderConformance:
 
     def test_aclose_is_safe_twice(self, make_provider: Callable[[], ChatProvider]) -> None:
         async def body() -> None:
+            baseline = _Baseline.now()
             provider = make_provider()
             await self._collect(provider, self.make_request())
             await provider.aclose()
             await provider.aclose()
+            await self._check_stopped(provider, baseline)
             unused = make_provider()
             await unused.aclose()
             await unused.aclose()
+            await self._check_stopped(unused, baseline)
 
         _run(body)
 
