@@ -70,6 +70,14 @@ def test_timeouts_come_from_the_settings():
     assert config.send_timeout == 20
 
 
+def test_the_send_timeout_is_told_to_the_core(monkeypatch):
+    # The core's delivery deadline (RecoveryManager.mail_deadline) reads it, so
+    # a long SMTP_SEND_TIMEOUT_SECONDS is never cut short by the core.
+    monkeypatch.setenv("SMTP_SEND_TIMEOUT_SECONDS", "300")
+    mailer = make_smtp_mailer(settings())
+    assert mailer.send_timeout_seconds == 300
+
+
 def test_the_password_is_not_in_the_config_repr():
     config = SMTPConfig.from_settings(settings(smtp_user="u", smtp_pass="hunter2-secret"), SMTPSettings())
     assert "hunter2-secret" not in repr(config)

@@ -156,6 +156,11 @@ class SMTPMailer:
             self._tls_context = context
 
     @property
+    def send_timeout_seconds(self) -> float:
+        """Tells the core how long one send may take, so its own deadline never cuts it short."""
+        return self.config.send_timeout
+
+    @property
     def where(self) -> str:
         return f"SMTP {self.config.host}:{self.config.port} ({self.config.security})"
 
