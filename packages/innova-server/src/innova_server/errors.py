@@ -13,7 +13,7 @@ from enum import StrEnum
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-from pymongo.errors import ConnectionFailure, ExecutionTimeout
+from pymongo.errors import ConnectionFailure, PyMongoError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("innova.errors")
@@ -95,6 +95,16 @@ def error_response(error: AppError) -> JSONResponse:
     return JSONResponse(error_body(error.code, error.message), status_code=error.status, headers=error.headers)
 
 
+def is_unavailable(error: PyMongoError) -> bool:
+    """True when `error` means "MongoDB is unreachable or too slow", not a bug or a bad query.
+
+    `ConnectionFailure` covers refused connections, network and server
+    selection timeouts; `error.timeout` the operation timeout (`timeoutMS`)
+    however PyMongo reports it (`ExecutionTimeout`, `WTimeoutError`, …).
+    """
+    return isinstance(error, ConnectionFailure) or error.timeout
+
+
 _STARLETTE_CODES = {
     404: ErrorCode.NOT_FOUND,
     405: ErrorCode.METHOD_NOT_ALLOWED,
@@ -115,14 +125,18 @@ def install_error_handlers(app: FastAPI) -> None:
             return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
         return error_response(AppError(code, headers=dict(exc.headers or {})))
 
-    async def on_database_down(request: Request, exc: Exception) -> JSONResponse:
-        # A MongoDB outage is not the client's fault and not a bug: 503, so
+    async def on_database_error(request: Request, exc: Exception) -> JSONResponse:
+        # A MongoDB outage or stall (connection refused, server selection or
+        # operation timeout) is not the client's fault and not a bug: 503, so
         # clients and nginx retry, and the service recovers when it returns.
+        assert isinstance(exc, PyMongoError)
+        if not is_unavailable(exc):
+            log.error("database error on %s %s", request.method, request.url.path, exc_info=exc)
+            return JSONResponse(error_body(ErrorCode.INTERNAL), status_code=500)
         log.warning("database unavailable during %s %s: %s", request.method, request.url.path, type(exc).__name__)
         return error_response(AppError(ErrorCode.DATABASE_UNAVAILABLE, headers={"Retry-After": "5"}))
 
     app.add_exception_handler(AppError, on_app_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)
-    app.add_exception_handler(ConnectionFailure, on_database_down)
-    app.add_exception_handler(ExecutionTimeout, on_database_down)
+    app.add_exception_handler(PyMongoError, on_database_error)
 
