@@ -3,15 +3,22 @@
 Services raise `AppError(ErrorCode.X)`; the handlers installed by
 `install_error_handlers` turn it (and Starlette's own 404/405/413) into the
 contract's body `{"detail": {"code": …, "message": …}}`. Validation errors
-(422) keep FastAPI's standard shape, as the contract says.
+(422) keep FastAPI's standard shape, as the contract says, minus the fields
+that echo the request (`input`, `ctx`): a password must never come back in a
+response. A body FastAPI cannot parse at all (JSON nested too deeply, an
+integer past Python's 4300-digit limit) is a 422 `json_invalid` like any other
+malformed JSON, not FastAPI's bare 400.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from enum import StrEnum
+from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pymongo.errors import ConnectionFailure, PyMongoError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -113,13 +120,43 @@ _STARLETTE_CODES = {
 }
 
 
+# What FastAPI raises (HTTPException 400) when parsing the body itself fails.
+_UNPARSABLE_BODY = {
+    "loc": ["body"],
+    "msg": "JSON body could not be parsed (nested too deeply, or a number too long)",
+    "type": "json_invalid",
+}
+_LOC_PART_MAX = 100
+
+
+def validation_errors(errors: Sequence[Any]) -> list[dict[str, Any]]:
+    """FastAPI's error list with only `loc`, `msg` and `type`: nothing the client sent comes back.
+
+    `loc` parts are field names, or keys the client chose: cut to 100 characters.
+    """
+    return [
+        {
+            "loc": [part[:_LOC_PART_MAX] if isinstance(part, str) else part for part in error.get("loc", ())],
+            "msg": str(error.get("msg", "")),
+            "type": str(error.get("type", "")),
+        }
+        for error in errors
+    ]
+
+
 def install_error_handlers(app: FastAPI) -> None:
+    async def on_validation_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        return JSONResponse({"detail": validation_errors(exc.errors())}, status_code=422)
+
     async def on_app_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, AppError)
         return error_response(exc)
 
     async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
+        if exc.status_code == 400 and exc.detail == "There was an error parsing the body":
+            return JSONResponse({"detail": [_UNPARSABLE_BODY]}, status_code=422)
         code = _STARLETTE_CODES.get(exc.status_code)
         if code is None:
             return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
@@ -136,6 +173,7 @@ def install_error_handlers(app: FastAPI) -> None:
         log.warning("database unavailable during %s %s: %s", request.method, request.url.path, type(exc).__name__)
         return error_response(AppError(ErrorCode.DATABASE_UNAVAILABLE, headers={"Retry-After": "5"}))
 
+    app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(AppError, on_app_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)
     app.add_exception_handler(PyMongoError, on_database_error)
