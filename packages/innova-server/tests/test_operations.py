@@ -116,3 +116,15 @@ def test_a_stalled_mongodb_gives_503_not_a_hang_and_recovers(make_settings, tmp_
     finally:
         os.kill(pid, signal.SIGCONT)
         mongo.stop()
+
+
+@pytest.mark.parametrize(
+    "forwarded", ["garbage", "garbage, 127.0.0.1", "203.0.113.9, not-an-ip, ::1", "unknown", "", ", ,"]
+)
+def test_an_unparsable_forwarded_hop_is_not_the_loopback_proxy(server, forwarded):
+    """From the trusted loopback proxy, a hop we cannot read is an unknown client, never loopback."""
+    response = httpx.get(f"{server.url}/metrics", headers={"X-Forwarded-For": forwarded})
+    assert response.status_code == 403
+    assert response.json()["detail"]["code"] == "forbidden"
+    # What nginx would send for a loopback client still passes.
+    assert httpx.get(f"{server.url}/metrics", headers={"X-Forwarded-For": "127.0.0.1"}).status_code == 200
