@@ -8,6 +8,7 @@ import httpx
 import pytest
 
 PASSWORD = "correct horse battery"
+JSON = {"content-type": "application/json"}
 
 
 def argon2_runs(client: httpx.Client) -> float:
@@ -35,7 +36,7 @@ def argon2_runs(client: httpx.Client) -> float:
         # integer past int()'s 4300-digit limit.
         (b"[" * 100_000, {"content-type": "application/json"}),
         (b'{"email": "a@example.com", "password": ' + b"1" * 5000 + b"}", {"content-type": "application/json"}),
-        (b'{"email": "a@example.com", "password": "long enough", "n": ' + b"9" * 5000 + b"}", {"content-type": "application/json"}),
+        (b'{"email": "a@example.com", "password": "long enough", "n": ' + b"9" * 5000 + b"}", JSON),
     ],
 )
 def test_malformed_bodies_are_422(server, path, body, headers):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -259,18 +260,21 @@ def _mongo_uri_error(uri: str) -> str | None:
     from pymongo.errors import PyMongoError
 
     try:
-        from pymongo.uri_parser_shared import _validate_uri as validate
-    except ImportError:  # pragma: no cover - PyMongo < 4.11: parse, but never resolve SRV
-        from pymongo.uri_parser import parse_uri
-
-        def validate(uri: str) -> object:
-            return None if uri.startswith("mongodb+srv://") else parse_uri(uri)
-
-    try:
-        validate(uri)
+        _uri_validator()(uri)
     except (PyMongoError, ValueError, TypeError) as exc:
         return _redacted(" ".join(str(exc).split()), uri)
     return None
+
+
+def _uri_validator() -> Callable[[str], object]:
+    try:
+        from pymongo.uri_parser_shared import _validate_uri
+
+        return _validate_uri
+    except ImportError:  # pragma: no cover - older PyMongo: parse, but never resolve SRV names
+        from pymongo.uri_parser import parse_uri
+
+        return lambda uri: None if uri.startswith("mongodb+srv://") else parse_uri(uri)
 
 
 def _redacted(message: str, uri: str) -> str:
