@@ -126,8 +126,12 @@ class Database:
         """Create every index of DESIGN §4; idempotent (same names, same options).
 
         Building a new index over a large existing collection can outlast the
-        per-operation timeout; it gets `INDEX_TIMEOUT` seconds instead.
+        per-operation timeout; it gets `INDEX_TIMEOUT` seconds instead. A ping
+        under the normal budget first: within `pymongo.timeout` server selection
+        waits as long as the block may last, so a MongoDB that is down would
+        otherwise take `INDEX_TIMEOUT` to report.
         """
+        await self.client.admin.command("ping")
         with pymongo.timeout(INDEX_TIMEOUT):
             for collection, models in INDEXES.items():
                 await self.db[collection].create_indexes(models)
