@@ -8,6 +8,7 @@ import httpx
 import pytest
 
 PASSWORD = "correct horse battery"
+JSON = {"content-type": "application/json"}
 
 
 def argon2_runs(client: httpx.Client) -> float:
@@ -31,11 +32,20 @@ def argon2_runs(client: httpx.Client) -> float:
         (b'{"email": null, "password": null}', {"content-type": "application/json"}),
         (b"email=a@example.com&password=long+enough", {"content-type": "application/x-www-form-urlencoded"}),
         (b"\xff\xfe\x00garbage", {"content-type": "application/json"}),
+        # Valid JSON that Python's parser refuses: nested too deeply, an
+        # integer past int()'s 4300-digit limit.
+        (b"[" * 100_000, {"content-type": "application/json"}),
+        (b'{"email": "a@example.com", "password": ' + b"1" * 5000 + b"}", {"content-type": "application/json"}),
+        (b'{"email": "a@example.com", "password": "long enough", "n": ' + b"9" * 5000 + b"}", JSON),
     ],
 )
 def test_malformed_bodies_are_422(server, path, body, headers):
     response = httpx.post(server.url + path, content=body, headers=headers)
     assert response.status_code == 422, response.text
+    # FastAPI's validation shape: a list of {loc, msg, type}, nothing echoed.
+    errors = response.json()["detail"]
+    assert isinstance(errors, list) and errors
+    assert all(set(error) == {"loc", "msg", "type"} for error in errors), errors
 
 
 @pytest.mark.parametrize("password", ["short", "x" * 129])
@@ -90,6 +100,20 @@ def test_unknown_routes_and_methods_use_the_error_shape(server):
     assert missing.status_code == 404 and missing.json()["detail"]["code"] == "not_found"
     wrong = httpx.get(f"{server.url}/auth/login")
     assert wrong.status_code == 405 and wrong.json()["detail"]["code"] == "method_not_allowed"
+
+
+@pytest.mark.parametrize(
+    ("path", "password"),
+    [("/auth/register", "short1"), ("/auth/register", "y" * 100_000), ("/auth/login", "y" * 100_000)],
+)
+def test_validation_errors_never_echo_the_input(server, path, password):
+    response = httpx.post(f"{server.url}{path}", json={"email": "p@example.com", "password": password})
+    assert response.status_code == 422
+    assert password not in response.text
+    assert len(response.content) < 2000
+    errors = response.json()["detail"]
+    assert [error["loc"] for error in errors] == [["body", "password"]]
+    assert all(set(error) == {"loc", "msg", "type"} for error in errors)
 
 
 def test_errors_never_echo_the_password(server):

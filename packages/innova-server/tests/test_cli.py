@@ -63,6 +63,62 @@ def test_asgi_module_exits_3_on_bad_config_for_gunicorn(tmp_path):
     assert "innova: configuration error: MONGO_URI is not set" in result.stderr
 
 
+SAFE_PRODUCTION_ENV = {"ENV": "production", "ALLOWED_ORIGINS": "https://innovaplus.africa", "SMTP_HOST": "smtp.example"}
+BAD_URIS = ["http://x", "mongodb://u:p@ss@h/", "mongodb://h:99999"]
+
+
+@pytest.mark.parametrize("uri", BAD_URIS)
+def test_malformed_mongo_uri_is_one_clear_line_everywhere(tmp_path, uri):
+    asgi = subprocess.run(
+        [sys.executable, "-c", "import innova_server.asgi"],
+        cwd=tmp_path,
+        env={**CLEAN_ENV, **SAFE_PRODUCTION_ENV, "MONGO_URI": uri},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert asgi.returncode == 3
+    assert asgi.stderr.strip().splitlines() == [
+        line for line in asgi.stderr.strip().splitlines() if line.startswith("innova: configuration error: MONGO_URI")
+    ]
+    check = innova("check", cwd=tmp_path, MONGO_URI=uri)
+    assert check.returncode == 1
+    assert re.search(r"^error: MONGO_URI is not a valid MongoDB URI \(.+\): write it as mongodb://", check.stdout, re.M)
+    init = innova("db", "init", cwd=tmp_path, MONGO_URI=uri)
+    assert init.returncode == 2
+    assert init.stderr.startswith("innova: MONGO_URI is not a valid MongoDB URI")
+    serve = innova("serve", cwd=tmp_path, MONGO_URI=uri, timeout=30)
+    assert serve.returncode == 2 and "MONGO_URI is not a valid MongoDB URI" in serve.stderr
+    for result in (asgi, check, init, serve):
+        assert "Traceback" not in result.stdout + result.stderr
+        assert "p@ss" not in result.stdout + result.stderr
+
+
+def test_db_init_with_mongodb_down_is_one_line_and_fails(tmp_path):
+    result = innova(
+        "db", "init", cwd=tmp_path, MONGO_URI=f"mongodb://app:pa55word@127.0.0.1:{free_port()}/", MONGO_TIMEOUT_MS="500"
+    )
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr and "pa55word" not in result.stderr
+    assert result.stderr.startswith("innova: could not create the indexes in innova_db: ServerSelectionTimeoutError")
+    assert result.stdout == ""
+
+
+def test_check_in_development_reports_the_embedded_database(tmp_path):
+    result = innova("check", cwd=tmp_path)
+    assert "ok: no MONGO_URI; `innova serve` will start the embedded database" in result.stdout
+    assert result.returncode == 0
+    # As without `[embedded]`: `sys.modules[name] = None` is how Python
+    # itself marks a module as not importable.
+    hide = "import sys; sys.modules['secantus'] = None; from innova_server.cli import main; raise SystemExit(main())"
+    missing = subprocess.run(
+        [sys.executable, "-c", hide, "check"], cwd=tmp_path, env=CLEAN_ENV, capture_output=True, text=True, timeout=60
+    )
+    assert missing.returncode == 1
+    assert re.search(r"^error: No MONGO_URI and the embedded database is not installed: pip", missing.stdout, re.M)
+    assert "will start the embedded database" not in missing.stdout
+
+
 def test_check_pings_mongo_and_masks_secrets(tmp_path, mongo_uri):
     ok = innova("check", cwd=tmp_path, MONGO_URI=mongo_uri)
     assert ok.returncode == 0, ok.stdout + ok.stderr

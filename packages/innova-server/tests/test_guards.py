@@ -19,6 +19,9 @@ BODY = {"email": "ada@example.com", "password": PASSWORD}
         {"Origin": "http://localhost:3000.evil.example"},
         {"Referer": "https://evil.example/page"},
         {"Origin": "https://evil.example", "Referer": "http://localhost:3000/"},
+        # An empty Origin is no Origin: the Referer decides. (Blank values
+        # arrive empty: the HTTP parser strips surrounding whitespace.)
+        {"Origin": "", "Referer": "https://evil.example/page"},
     ],
 )
 def test_foreign_origin_is_403(server, db, headers):
@@ -35,6 +38,8 @@ def test_foreign_origin_is_403(server, db, headers):
         {"Origin": "http://localhost:3000"},
         {"Referer": "http://localhost:3000/signup?x=1"},
         {"Origin": "HTTP://LOCALHOST:3000"},
+        {"Origin": "", "Referer": "http://localhost:3000/signup"},
+        {"Origin": ""},
     ],
 )
 def test_allowed_origin_or_no_browser_headers_pass(server, headers):
@@ -69,6 +74,21 @@ def test_cors_preflight_and_credentials(server):
     assert "access-control-allow-origin" not in foreign.headers
     simple = httpx.get(f"{server.url}/health", headers={"Origin": "http://localhost:3000"})
     assert simple.headers["access-control-allow-origin"] == "http://localhost:3000"
+
+
+def test_cors_exposes_the_headers_the_front_end_reads(start_server):
+    server = start_server(rate_limit_login_email="1/15m")
+    origin = {"Origin": "http://localhost:3000"}
+    with httpx.Client(base_url=server.url, headers=origin) as client:
+        client.post("/auth/login", json={**BODY, "password": "wrong password"})
+        refused = client.post("/auth/login", json=BODY)
+        assert refused.status_code == 429 and refused.headers["retry-after"]
+        assert refused.headers["access-control-allow-origin"] == "http://localhost:3000"
+        exposed = {name.strip().lower() for name in refused.headers["access-control-expose-headers"].split(",")}
+        assert {"retry-after", "deprecation", "link"} <= exposed
+        legacy = client.get("/innova/api/auth/me")
+        assert "deprecation" in legacy.headers
+        assert "deprecation" in legacy.headers["access-control-expose-headers"].lower()
 
 
 def test_login_is_limited_per_email_with_retry_after(start_server):

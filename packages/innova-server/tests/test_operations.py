@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -11,7 +13,7 @@ import pytest
 from innova_server import __version__
 from innova_server.app import create_app
 from innova_server.embedded import EmbeddedMongo
-from innova_server.testing.server import LiveServer, wait_until_healthy
+from innova_server.testing.server import LiveServer, wait_for, wait_until_healthy
 
 PASSWORD = "correct horse battery"
 
@@ -78,3 +80,51 @@ def test_health_reports_an_outage_quickly_and_recovers_without_restart(make_sett
             assert client.get("/auth/me").status_code == 200  # the data and the session survived
         finally:
             mongo.stop()
+
+
+@pytest.mark.slow
+def test_a_stalled_mongodb_gives_503_not_a_hang_and_recovers(make_settings, tmp_path: Path):
+    """MongoDB accepts connections but stops answering (here: its process is SIGSTOPped).
+
+    PyMongo's monitor would notice at its next heartbeat (every 10 s by
+    default) and interrupt the requests; with heartbeats a minute apart, as on
+    a server whose monitoring connection still answers, only the operation
+    timeout (`timeoutMS` = MONGO_TIMEOUT_MS) stands between a request and a hang.
+    """
+    mongo = EmbeddedMongo(tmp_path / "db").start()  # our own: the shared one must keep answering
+    assert mongo.process is not None
+    pid = mongo.process.pid
+    settings = make_settings(mongo_uri=f"{mongo.uri}&heartbeatFrequencyMS=60000", mongo_timeout_ms=1000)
+    try:
+        with LiveServer(create_app(settings)) as live, httpx.Client(base_url=live.url, timeout=40) as client:
+            assert client.post("/auth/register", json={"email": "ada@example.com", "password": PASSWORD}).is_success
+            assert client.get("/auth/me").status_code == 200
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                started = time.monotonic()
+                me = client.get("/auth/me")
+                assert me.status_code == 503, me.text
+                assert me.json()["detail"]["code"] == "database_unavailable"
+                assert me.headers["retry-after"]
+                down = client.get("/health")
+                assert down.status_code == 503 and down.json()["mongo"] == "error"
+                assert time.monotonic() - started < 30  # bounded by MONGO_TIMEOUT_MS, loosely
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            wait_until_healthy(live.url, timeout=30)
+            wait_for(lambda: client.get("/auth/me").status_code == 200, timeout=30, what="/auth/me to recover")
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        mongo.stop()
+
+
+@pytest.mark.parametrize(
+    "forwarded", ["garbage", "garbage, 127.0.0.1", "203.0.113.9, not-an-ip, ::1", "unknown", "", ", ,"]
+)
+def test_an_unparsable_forwarded_hop_is_not_the_loopback_proxy(server, forwarded):
+    """From the trusted loopback proxy, a hop we cannot read is an unknown client, never loopback."""
+    response = httpx.get(f"{server.url}/metrics", headers={"X-Forwarded-For": forwarded})
+    assert response.status_code == 403
+    assert response.json()["detail"]["code"] == "forbidden"
+    # What nginx would send for a loopback client still passes.
+    assert httpx.get(f"{server.url}/metrics", headers={"X-Forwarded-For": "127.0.0.1"}).status_code == 200

@@ -100,3 +100,13 @@ def test_bad_values_are_reported_by_variable_name(monkeypatch):
         load_settings(_env_file=None)
     assert any(line.startswith("PORT:") for line in error.value.lines)
     assert any(line.startswith("TRUSTED_PROXIES:") for line in error.value.lines)
+
+
+@pytest.mark.parametrize("env", ["development", "production"])
+def test_malformed_mongo_uri_is_a_problem_without_the_password(env):
+    values = {**SAFE_PRODUCTION, "env": env, "mongo_uri": "mongodb://app:hunter2:x@@h:99999/"}
+    problems = make(**values).problems()
+    assert len(problems) == 1
+    assert problems[0].startswith("MONGO_URI is not a valid MongoDB URI (")
+    assert "hunter2" not in problems[0]
+    assert make(**{**values, "mongo_uri": SAFE_PRODUCTION["mongo_uri"]}).problems() == []

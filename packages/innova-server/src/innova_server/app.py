@@ -113,6 +113,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         allow_credentials=True,
         allow_methods=["GET", "POST", "PATCH", "DELETE"],
         allow_headers=["Content-Type", "Last-Event-ID"],
+        # Readable by the front end's JavaScript: when to retry (429/503), and
+        # the legacy routes' deprecation notice and successor.
+        expose_headers=["Retry-After", "Deprecation", "Link"],
         max_age=600,
     )
     app.add_middleware(metrics.MetricsMiddleware)

@@ -132,7 +132,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     except ConfigError as error:
         lines.extend(error.lines)
     uri = settings.mongo_uri_value
-    if uri:
+    if uri and settings.mongo_uri_problem() is None:
         async def ping() -> bool:
             db = Database(uri, settings.db_name, timeout_ms=2000)
             try:
@@ -147,8 +147,16 @@ def cmd_check(args: argparse.Namespace) -> int:
                 "MongoDB does not answer within 3 s: check MONGO_URI (host, port, credentials, authSource) "
                 "and that the server runs (see deploy/README.md)."
             )
-    elif settings.env != "production":
-        print("ok: no MONGO_URI; `innova serve` will start the embedded database")
+    elif not uri and settings.env != "production":
+        from innova_server.embedded import secantus_available
+
+        if secantus_available():
+            print("ok: no MONGO_URI; `innova serve` will start the embedded database")
+        else:
+            lines.append(
+                "No MONGO_URI and the embedded database is not installed: "
+                "pip install 'innova-server[embedded]', or set MONGO_URI to a MongoDB server."
+            )
     for line in lines:
         print(f"error: {line}")
     print("configuration OK" if not lines else f"{len(lines)} problem(s)")
@@ -159,12 +167,17 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_db_init(args: argparse.Namespace) -> int:
+    from pymongo.errors import PyMongoError
+
     from innova_server.db import Database
 
     settings = load_settings()
     uri = settings.mongo_uri_value
     if not uri:
         return _fail(["MONGO_URI is not set."])
+    problem = settings.mongo_uri_problem()
+    if problem:
+        return _fail([problem])
 
     async def run() -> None:
         db = Database(uri, settings.db_name, timeout_ms=settings.mongo_timeout_ms)
@@ -173,7 +186,16 @@ def cmd_db_init(args: argparse.Namespace) -> int:
         finally:
             await db.close()
 
-    asyncio.run(run())
+    try:
+        asyncio.run(run())
+    except PyMongoError as exc:
+        # The class name and PyMongo's first line say enough (refused,
+        # timed out, authentication failed); the URI is never printed.
+        reason = " ".join(str(exc).split())[:300]
+        print(f"innova: could not create the indexes in {settings.db_name}: {type(exc).__name__}: {reason}",
+              file=sys.stderr)
+        print("innova: check MONGO_URI (host, port, credentials, authSource) and that MongoDB runs.", file=sys.stderr)
+        return 1
     print(f"indexes created in {settings.db_name}")
     return 0
 

@@ -58,6 +58,10 @@ INDEXES: dict[str, list[IndexModel]] = {
 }
 
 
+# Seconds `ensure_indexes` may take in all (see there).
+INDEX_TIMEOUT = 600.0
+
+
 class _CommandCounter(CommandListener):
     """Counts every command sent to the server, by name (and failures)."""
 
@@ -75,9 +79,14 @@ class Database:
     """The process's MongoDB connection and the application's collections."""
 
     def __init__(self, uri: str, name: str, *, timeout_ms: int = 5000) -> None:
+        # `timeoutMS` bounds every operation, server selection, connecting and
+        # waiting for the reply included: a MongoDB that accepts connections
+        # but stops answering gives a timeout error (503), never a request
+        # that hangs until PyMongo's monitor notices, or forever.
         self.client: AsyncMongoClient[Document] = AsyncMongoClient(
             uri,
             tz_aware=True,
+            timeoutMS=timeout_ms,
             serverSelectionTimeoutMS=timeout_ms,
             connectTimeoutMS=timeout_ms,
             event_listeners=[_CommandCounter()],
@@ -114,9 +123,18 @@ class Database:
         return self.db["rate_limits"]
 
     async def ensure_indexes(self) -> None:
-        """Create every index of DESIGN §4; idempotent (same names, same options)."""
-        for collection, models in INDEXES.items():
-            await self.db[collection].create_indexes(models)
+        """Create every index of DESIGN §4; idempotent (same names, same options).
+
+        Building a new index over a large existing collection can outlast the
+        per-operation timeout; it gets `INDEX_TIMEOUT` seconds instead. A ping
+        under the normal budget first: within `pymongo.timeout` server selection
+        waits as long as the block may last, so a MongoDB that is down would
+        otherwise take `INDEX_TIMEOUT` to report.
+        """
+        await self.client.admin.command("ping")
+        with pymongo.timeout(INDEX_TIMEOUT):
+            for collection, models in INDEXES.items():
+                await self.db[collection].create_indexes(models)
 
     async def ping(self, timeout: float = 2.0) -> bool:  # noqa: ASYNC109 - a budget, not a cancel scope
         """True when the server answers a ping within `timeout` seconds; never raises."""

@@ -3,17 +3,24 @@
 Services raise `AppError(ErrorCode.X)`; the handlers installed by
 `install_error_handlers` turn it (and Starlette's own 404/405/413) into the
 contract's body `{"detail": {"code": …, "message": …}}`. Validation errors
-(422) keep FastAPI's standard shape, as the contract says.
+(422) keep FastAPI's standard shape, as the contract says, minus the fields
+that echo the request (`input`, `ctx`): a password must never come back in a
+response. A body FastAPI cannot parse at all (JSON nested too deeply, an
+integer past Python's 4300-digit limit) is a 422 `json_invalid` like any other
+malformed JSON, not FastAPI's bare 400.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from enum import StrEnum
+from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pymongo.errors import ConnectionFailure, ExecutionTimeout
+from pymongo.errors import ConnectionFailure, PyMongoError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("innova.errors")
@@ -95,6 +102,16 @@ def error_response(error: AppError) -> JSONResponse:
     return JSONResponse(error_body(error.code, error.message), status_code=error.status, headers=error.headers)
 
 
+def is_unavailable(error: PyMongoError) -> bool:
+    """True when `error` means "MongoDB is unreachable or too slow", not a bug or a bad query.
+
+    `ConnectionFailure` covers refused connections, network and server
+    selection timeouts; `error.timeout` the operation timeout (`timeoutMS`)
+    however PyMongo reports it (`ExecutionTimeout`, `WTimeoutError`, …).
+    """
+    return isinstance(error, ConnectionFailure) or error.timeout
+
+
 _STARLETTE_CODES = {
     404: ErrorCode.NOT_FOUND,
     405: ErrorCode.METHOD_NOT_ALLOWED,
@@ -103,26 +120,61 @@ _STARLETTE_CODES = {
 }
 
 
+# What FastAPI raises (HTTPException 400) when parsing the body itself fails.
+_UNPARSABLE_BODY = {
+    "loc": ["body"],
+    "msg": "JSON body could not be parsed (nested too deeply, or a number too long)",
+    "type": "json_invalid",
+}
+_LOC_PART_MAX = 100
+
+
+def validation_errors(errors: Sequence[Any]) -> list[dict[str, Any]]:
+    """FastAPI's error list with only `loc`, `msg` and `type`: nothing the client sent comes back.
+
+    `loc` parts are field names, or keys the client chose: cut to 100 characters.
+    """
+    return [
+        {
+            "loc": [part[:_LOC_PART_MAX] if isinstance(part, str) else part for part in error.get("loc", ())],
+            "msg": str(error.get("msg", "")),
+            "type": str(error.get("type", "")),
+        }
+        for error in errors
+    ]
+
+
 def install_error_handlers(app: FastAPI) -> None:
+    async def on_validation_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        return JSONResponse({"detail": validation_errors(exc.errors())}, status_code=422)
+
     async def on_app_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, AppError)
         return error_response(exc)
 
     async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
+        if exc.status_code == 400 and exc.detail == "There was an error parsing the body":
+            return JSONResponse({"detail": [_UNPARSABLE_BODY]}, status_code=422)
         code = _STARLETTE_CODES.get(exc.status_code)
         if code is None:
             return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
         return error_response(AppError(code, headers=dict(exc.headers or {})))
 
-    async def on_database_down(request: Request, exc: Exception) -> JSONResponse:
-        # A MongoDB outage is not the client's fault and not a bug: 503, so
+    async def on_database_error(request: Request, exc: Exception) -> JSONResponse:
+        # A MongoDB outage or stall (connection refused, server selection or
+        # operation timeout) is not the client's fault and not a bug: 503, so
         # clients and nginx retry, and the service recovers when it returns.
+        assert isinstance(exc, PyMongoError)
+        if not is_unavailable(exc):
+            log.error("database error on %s %s", request.method, request.url.path, exc_info=exc)
+            return JSONResponse(error_body(ErrorCode.INTERNAL), status_code=500)
         log.warning("database unavailable during %s %s: %s", request.method, request.url.path, type(exc).__name__)
         return error_response(AppError(ErrorCode.DATABASE_UNAVAILABLE, headers={"Retry-After": "5"}))
 
+    app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(AppError, on_app_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)
-    app.add_exception_handler(ConnectionFailure, on_database_down)
-    app.add_exception_handler(ExecutionTimeout, on_database_down)
+    app.add_exception_handler(PyMongoError, on_database_error)
 

@@ -39,7 +39,9 @@ class CSRFOriginMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] in UNSAFE_METHODS:
             headers = Headers(scope=scope)
-            origin = headers.get("origin")
+            # A blank `Origin` names no origin: treat it as absent, so the
+            # Referer is checked instead of the request passing unchecked.
+            origin = (headers.get("origin") or "").strip() or None
             referer = headers.get("referer")
             claimed = origin.lower() if origin is not None else (_origin_of(referer) if referer is not None else "")
             if claimed != "" and claimed not in self.allowed:

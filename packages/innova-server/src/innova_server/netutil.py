@@ -25,27 +25,37 @@ def _is_trusted(address: str, networks: tuple[ipaddress.IPv4Network | ipaddress.
     return ip is not None and any(ip in network for network in networks)
 
 
+# The client behind a trusted proxy whose `X-Forwarded-For` we cannot read:
+# not an address, so never loopback (`/metrics`), and one shared rate-limit key.
+UNKNOWN_CLIENT = "unknown"
+
+
 def client_ip(connection: HTTPConnection, trusted_proxies: list[str]) -> str:
     """The client address as the rate limits and `/metrics` see it.
 
     `X-Forwarded-For` is believed only when the peer is a trusted proxy, and
     then read from the right, skipping further trusted hops (the left-most
-    entries are whatever the client chose to send).
+    entries are whatever the client chose to send). A hop that is not an IP
+    address, met before any untrusted one, makes the client `UNKNOWN_CLIENT`:
+    answering with the proxy's own (loopback) address would hand an outside
+    client the privileges of the proxy's host.
     """
     peer = connection.client.host if connection.client else ""
     networks = _networks(tuple(trusted_proxies))
     if not _is_trusted(peer, networks):
         return peer
     forwarded = connection.headers.get("x-forwarded-for")
-    if not forwarded:
+    if forwarded is None:
         return peer
     hops = [hop.strip() for hop in forwarded.split(",") if hop.strip()]
+    if not hops:
+        return UNKNOWN_CLIENT
     for hop in reversed(hops):
         if _parse(hop) is None:
-            return peer
+            return UNKNOWN_CLIENT
         if not _is_trusted(hop, networks):
             return hop
-    return hops[0] if hops else peer
+    return hops[0]
 
 
 def is_loopback(address: str) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -86,7 +87,7 @@ class Settings(PluginSettings):
 
     mongo_uri: SecretStr | None = None
     db_name: str = "innova_db"
-    mongo_timeout_ms: int = Field(5000, ge=100, description="server selection / connect timeout")
+    mongo_timeout_ms: int = Field(5000, ge=100, description="budget of each MongoDB operation (timeoutMS)")
     innova_data_dir: Path = Path(".innova")
 
     allowed_origins: CommaList = Field(default_factory=list)
@@ -191,15 +192,35 @@ class Settings(PluginSettings):
     def smtp_sender(self) -> str | None:
         return self.smtp_from_email or self.smtp_user
 
+    def mongo_uri_problem(self) -> str | None:
+        """Why `MONGO_URI` cannot be used, in one line without its secrets; None when it parses.
+
+        Checked in every environment: PyMongo would otherwise raise from deep
+        inside the client's constructor, a traceback instead of a reason.
+        """
+        uri = self.mongo_uri_value
+        if not uri:
+            return None
+        reason = _mongo_uri_error(uri)
+        if reason is None:
+            return None
+        return (
+            f"MONGO_URI is not a valid MongoDB URI ({reason}): write it as "
+            "mongodb://USER:PASSWORD@HOST:PORT/DB?authSource=DB, %-escaping special characters "
+            "in USER and PASSWORD (urllib.parse.quote_plus)."
+        )
+
     def problems(self) -> list[str]:
         """Unsafe or missing settings, one human line each; empty when all is well.
 
         Only production is strict: development keeps working with the embedded
-        database, plain-HTTP origins and the console mailer.
+        database, plain-HTTP origins and the console mailer. A malformed
+        `MONGO_URI` is a problem everywhere.
         """
+        uri_problem = self.mongo_uri_problem()
+        lines: list[str] = [uri_problem] if uri_problem else []
         if self.env != "production":
-            return []
-        lines: list[str] = []
+            return lines
         if not self.mongo_uri_value:
             lines.append(
                 "MONGO_URI is not set: production needs a real MongoDB "
@@ -227,6 +248,44 @@ class Settings(PluginSettings):
                 f"FRONTEND_URL={self.frontend_url!r} must be https:// in production (it is the base of reset links)."
             )
         return lines
+
+
+def _mongo_uri_error(uri: str) -> str | None:
+    """PyMongo's own complaint about `uri` (what `AsyncMongoClient` would raise), secrets removed.
+
+    `_validate_uri` is the check the async client runs in its constructor; the
+    public `parse_uri` would also resolve `mongodb+srv://` names in DNS, which
+    a configuration check must not wait for.
+    """
+    from pymongo.errors import PyMongoError
+
+    try:
+        _uri_validator()(uri)
+    except (PyMongoError, ValueError, TypeError) as exc:
+        return _redacted(" ".join(str(exc).split()), uri)
+    return None
+
+
+def _uri_validator() -> Callable[[str], object]:
+    try:
+        from pymongo.uri_parser_shared import _validate_uri
+
+        return _validate_uri
+    except ImportError:  # pragma: no cover - older PyMongo: parse, but never resolve SRV names
+        from pymongo.uri_parser import parse_uri
+
+        return lambda uri: None if uri.startswith("mongodb+srv://") else parse_uri(uri)
+
+
+def _redacted(message: str, uri: str) -> str:
+    """`message` with the URI's password (what follows `user:`, up to the last `@`) masked."""
+    rest = uri.split("://", 1)[-1]
+    userinfo = rest.rsplit("@", 1)[0] if "@" in rest else ""
+    password = userinfo.split(":", 1)[1] if ":" in userinfo else ""
+    secrets = {uri, userinfo, password} - {""} if password else {uri}
+    for secret in sorted(secrets, key=len, reverse=True):
+        message = message.replace(secret, "****")
+    return message
 
 
 class ConfigError(Exception):
