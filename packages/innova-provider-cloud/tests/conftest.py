@@ -181,7 +181,7 @@ class FakeAPI:
                 break
         headers = dict(scope["headers"])
         self.authorization.append(headers.get(b"authorization", b"").decode())
-        from_mistral_sdk = headers.get(b"user-agent", b"").endswith(b" mistralai")
+        from_mistral_sdk = b"mistral" in headers.get(b"user-agent", b"").lower()  # mistral-client-python/…
         model = json.loads(body or b"{}").get("model", "ok")
         self.requests[model] += 1
         self.client_ports.setdefault(model, []).append(scope["client"][1])
@@ -266,7 +266,8 @@ def fast_timeouts(monkeypatch: pytest.MonkeyPatch) -> None:
     """Short CLOUD_* timeouts and quick retries, through the environment as a deployer sets them."""
     for name, value in {
         "CLOUD_CONNECT_TIMEOUT_SECONDS": "2",
-        "CLOUD_FIRST_TOKEN_TIMEOUT_SECONDS": "1",
+        # Retries and their waits (up to 1 s each) come out of this one, too.
+        "CLOUD_FIRST_TOKEN_TIMEOUT_SECONDS": "3",
         "CLOUD_IDLE_TIMEOUT_SECONDS": "1",
         "CLOUD_TOTAL_TIMEOUT_SECONDS": "20",
         "CLOUD_MAX_RETRIES": "1",

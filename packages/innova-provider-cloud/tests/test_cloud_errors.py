@@ -293,16 +293,50 @@ def test_closing_the_stream_closes_the_upstream_connection_at_once(provider, fak
     assert api.disconnected[model] - closed < 1.0
 
 
-def test_total_timeout_bounds_a_slow_reply(fake_api, point_at, fast_timeouts):
+def test_total_timeout_bounds_a_slow_reply(provider, fake_api, point_at, fast_timeouts):
     url, _ = fake_api
-    point_at("openai", url)
+    point_at(provider, url)
 
     async def body() -> ProviderError:
-        p = make_openai(None, cloud_total_timeout_seconds=0.5, cloud_idle_timeout_seconds=5)
+        p = MAKERS[provider](None, cloud_total_timeout_seconds=0.5, cloud_idle_timeout_seconds=5)
         return await first_error(p, fresh("stall-mid"))
 
+    started = time.monotonic()
     error = asyncio.run(body())
-    assert isinstance(error, ProviderTimeout) and "0.5s" in error.message
+    assert isinstance(error, ProviderTimeout) and error.message == "The chat model did not finish within 0.5s."
+    assert time.monotonic() - started < 5  # not the idle timeout
+
+
+def http_client_closed(provider_obj) -> bool:
+    if provider_obj.name == "openai":
+        return bool(provider_obj.client.is_closed())
+    return bool(provider_obj.client.sdk_configuration.async_client.is_closed)
+
+
+def test_one_sdk_client_serves_every_request_and_aclose_closes_it(provider, fake_api, point_at, fast_timeouts):
+    url, api = fake_api
+    point_at(provider, url)
+    model = fresh("ok")
+
+    async def body() -> None:
+        p = MAKERS[provider](None)
+        client = p.client
+        for _ in range(3):
+            assert "".join([c.text async for c in p.stream(request_for(model))]) == "Bonjour le monde !"
+            assert p.client is client
+        assert not http_client_closed(p)
+        await p.aclose()
+        assert http_client_closed(p)
+        with pytest.raises(ProviderUnavailable):
+            await anext(p.stream(request_for(model)))
+
+    asyncio.run(body())
+    assert api.requests[model] == 3
+    if provider == "openai":
+        # One TCP connection for the three replies: the client's pool is reused, not rebuilt.
+        # (The Mistral SDK closes the response at `[DONE]`, before the body's end is read,
+        # so httpx drops that connection: one new connection per reply — README, "Clients".)
+        assert len(set(api.client_ports[model])) == 1
 
 
 # -- configuration ---------------------------------------------------------------
