@@ -143,7 +143,8 @@ def mistral_shape(scenario: str, payload: dict[str, Any]) -> dict[str, Any]:
     if scenario in ("ctx", "400"):
         return MISTRAL_CONTEXT_LENGTH_BODY
     error = payload.get("error", {})
-    return {"object": "error", "message": error.get("message", ""), "type": error.get("type"), "param": None, "code": None}
+    message, kind = error.get("message", ""), error.get("type")
+    return {"object": "error", "message": message, "type": kind, "param": None, "code": None}
 
 
 REPLY = ["Bonjour", " le", " monde", " !"]

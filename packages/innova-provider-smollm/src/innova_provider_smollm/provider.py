@@ -108,7 +108,7 @@ class SmolLMProvider:
         # Prompts being built outside the slot (see `stream`): `aclose` waits
         # for them before freeing the model they read.
         self._preparing = 0
-        self._preparing_lock = threading.Lock()
+        self._prepared = threading.Condition()
         # Seconds a generation takes, for Retry-After; learnt as replies finish.
         self._seconds_per_reply = 5.0
         if load == "startup":
@@ -136,15 +136,21 @@ class SmolLMProvider:
 
     def _prepare(self, model: LocalModel, request: ChatRequest) -> Prompt:
         """The prompt, built in a thread without the slot; counted until the thread is done with the model."""
-        with self._preparing_lock:
+        with self._prepared:
             self._preparing += 1
         try:
             if self._closing.is_set():
                 raise ProviderUnavailable(message="The local model has been shut down.")
             return model.prompt(request.messages, request.max_tokens)
         finally:
-            with self._preparing_lock:
+            with self._prepared:
                 self._preparing -= 1
+                self._prepared.notify_all()
+
+    def _wait_for_prompts(self) -> None:
+        """Block until no prompt is being built (`aclose`, in a thread: they take milliseconds)."""
+        with self._prepared:
+            self._prepared.wait_for(lambda: self._preparing == 0)
 
     def _retry_after(self) -> float:
         return float(max(1, math.ceil(self._seconds_per_reply * (self._slot.waiting + 1))))
@@ -163,7 +169,7 @@ class SmolLMProvider:
         prompt: Prompt | None = None
         if model is not None:
             prompt = await asyncio.to_thread(self._prepare, model, request)
-            if self._closed:
+            if self._closing.is_set():  # shut down meanwhile
                 raise ProviderUnavailable(message="The local model has been shut down.")
         # No await between this check and the acquire: concurrent newcomers
         # cannot all pass a check made before any of them queued.
@@ -192,7 +198,7 @@ class SmolLMProvider:
             ready = ready or current.prompt(request.messages, request.max_tokens)
             yield from current.generate(ready, temperature=request.temperature, should_stop=self._closing.is_set)
 
-        if self._closed:  # shut down while we waited
+        if self._closing.is_set():  # shut down while we waited
             self._slot.release()
             raise ProviderUnavailable(message="The local model has been shut down.")
         # Lockstep (the helper's default): the thread computes a token only
@@ -221,8 +227,7 @@ class SmolLMProvider:
         self._closing.set()
         await self._slot.acquire()
         try:
-            while self._preparing:  # a prompt being built outside the slot reads the model: a few ms
-                await asyncio.sleep(0.005)
+            await asyncio.to_thread(self._wait_for_prompts)  # they read the model we are about to free
             model, self._model = self._model, None
             if model is not None:
                 await asyncio.to_thread(model.close)
