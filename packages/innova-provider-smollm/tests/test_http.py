@@ -93,9 +93,65 @@ def test_two_concurrent_requests_are_served_one_after_the_other(local_server: Ca
     assert second_first > first_last
 
 
-def test_a_full_queue_answers_503_provider_busy_with_retry_after(local_server: Callable[..., Any], db: Any) -> None:
+def test_three_requests_are_served_first_come_first_served(local_server: Callable[..., Any]) -> None:
+    server = local_server(chat_max_tokens=30)
+    provider = provider_of(server)
+    spans: dict[str, tuple[float, float]] = {}
+
+    def one(name: str) -> None:
+        with signed_in(server.url) as client:
+            times: list[float] = []
+            with connect_sse(client, "POST", "/chatlaya/message", json={"content": LONG}) as source:
+                assert source.response.status_code == 200
+                times += [time.monotonic() for sse in source.iter_sse() if sse.event == "token"]
+            spans[name] = (times[0], times[-1])
+
+    threads = {name: threading.Thread(target=one, args=(name,)) for name in "abc"}
+    threads["a"].start()
+    wait_for(lambda: provider._slot.held, timeout=30)
+    threads["b"].start()
+    wait_for(lambda: provider.queued == 1, timeout=30)  # b waits before c is even sent
+    threads["c"].start()
+    wait_for(lambda: provider.queued == 2 or "a" in spans, timeout=30)
+    for thread in threads.values():
+        thread.join(120)
+    assert set(spans) == {"a", "b", "c"}
+    # In arrival order, each after the previous one's last token.
+    assert spans["a"][1] < spans["b"][0] and spans["b"][1] < spans["c"][0]
+
+
+def test_a_message_too_long_is_413_at_once_even_while_another_reply_runs(
+    local_server: Callable[..., Any], db: Any
+) -> None:
+    # The prompt is built and checked before queueing: a request behind a long
+    # generation still gets its 413 before the stream opens, not `start` +
+    # `error` once its turn comes (or after CHAT_PING_SECONDS in the queue).
+    server = local_server(chat_max_tokens=400)
+    provider = provider_of(server)
+    paragraph = "Le marché de Sandaga ouvre tôt et les vendeurs installent leurs étals. " * 32  # > 512 tokens
+    with (
+        signed_in(server.url) as client,
+        connect_sse(client, "POST", "/chatlaya/message", json={"content": LONG}) as source,
+    ):
+        events = source.iter_sse()
+        next(events), next(events)  # start, first token: the slot is held for ≈ 400 tokens
+        with signed_in(server.url) as other:
+            too_long = other.post("/chatlaya/message", json={"content": paragraph})
+        assert too_long.status_code == 413, too_long.text
+        assert too_long.json()["detail"]["code"] == "context_too_long"
+        # Answered while the first reply still runs: it never waited for the slot.
+        assert provider._slot.held and provider.queued == 0
+        assert next(e for e in events if e.event in ("token", "done")).event == "token"
+    wait_for(lambda: db.messages.count_documents({"role": "assistant"}) == 1)
+    assert db.messages.count_documents({"role": "user"}) == 1  # the refused one left nothing
+
+
+def test_a_full_queue_answers_503_provider_busy_with_retry_after(
+    local_server: Callable[..., Any], db: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SMOLLM_MAX_QUEUE", "0")  # as a deployer sets it: none may wait
     server = local_server(chat_max_tokens=300)
-    provider_of(server).max_queue = 0
+    assert provider_of(server).max_queue == 0
     with (
         signed_in(server.url) as client,
         connect_sse(client, "POST", "/chatlaya/message", json={"content": LONG}) as source,

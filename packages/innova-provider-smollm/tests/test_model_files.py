@@ -70,6 +70,28 @@ def test_a_missing_model_stops_the_start_with_the_reason(monkeypatch: pytest.Mon
     assert "SMOLLM_MODEL_PATH" in line and str(tmp_path / "missing") in line and "README_SMOLLM.md" in line
 
 
+def test_bad_settings_stop_the_start_with_one_line_per_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SMOLLM_N_CTX", "lots")
+    monkeypatch.setenv("SMOLLM_LOAD", "sometimes")
+    monkeypatch.setenv("SMOLLM_MAX_QUEUE", "-1")
+    with pytest.raises(ConfigError) as error:
+        make_local(Settings(_env_file=None, env="test", provider="local"))
+    lines = error.value.lines
+    assert [line.split(":")[0] for line in lines] == ["SMOLLM_N_CTX", "SMOLLM_LOAD", "SMOLLM_MAX_QUEUE"]
+    assert all("\n" not in line for line in lines)
+    assert "lots" not in str(error.value) and "sometimes" not in str(error.value)  # values are not echoed
+
+
+def test_bad_settings_are_a_warning_at_registration_not_silence(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("SMOLLM_N_CTX", "lots")
+    with caplog.at_level("WARNING", logger="innova.smollm"):
+        registry = PluginRegistry.load(Settings(_env_file=None, env="test"))
+    assert registry.provider_entry("local").models == ()
+    assert "SMOLLM_N_CTX" in caplog.text
+
+
 def test_the_server_refuses_to_start_without_a_model(start_server, monkeypatch, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     monkeypatch.setenv("SMOLLM_MODEL_PATH", str(tmp_path))
     with pytest.raises(ConfigError, match=r"holds no \.gguf file"):

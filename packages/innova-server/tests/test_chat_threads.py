@@ -127,6 +127,58 @@ def test_back_pressure_bounds_what_runs_ahead():
     assert model.closed.wait(2)
 
 
+def test_by_default_the_thread_computes_only_what_is_asked_for():
+    # Lockstep: the loop's per-token work never overlaps the model's (README of smollm: ≈ 25% of tokens/s).
+    model = BlockingModel(tokens=10_000, seconds_per_token=0.0)
+
+    async def run() -> None:
+        stream = iterate_in_thread(model.generate)
+        assert await anext(stream) == "t0 "
+        await asyncio.sleep(0.2)
+        assert model.produced == 1
+        assert await anext(stream) == "t1 "
+        await asyncio.sleep(0.1)
+        assert model.produced == 2
+        await stream.aclose()
+
+    asyncio.run(run())
+    assert model.closed.wait(2)
+
+
+@pytest.mark.parametrize("max_buffer", [0, 4])
+def test_on_exit_runs_in_the_thread_after_the_iterator_is_closed(max_buffer):
+    # However the work ends: finished, failed, or abandoned by the reader.
+    async def run(model: BlockingModel, take: int | None) -> list[tuple[str, bool]]:
+        exits: list[tuple[str, bool]] = []
+        done = threading.Event()
+
+        def on_exit() -> None:
+            exits.append((threading.current_thread().name, model.closed.is_set()))
+            done.set()
+
+        stream = iterate_in_thread(model.generate, max_buffer=max_buffer, on_exit=on_exit)
+        try:
+            count = 0
+            async for _ in stream:
+                count += 1
+                if take is not None and count == take:
+                    break
+            if take is None:
+                assert exits, "the end was handed over before on_exit ran"
+        except ProviderTimeout:
+            assert exits, "the error was handed over before on_exit ran"
+        finally:
+            await stream.aclose()
+        assert await asyncio.to_thread(done.wait, 2)
+        return exits
+
+    finished = asyncio.run(run(BlockingModel(tokens=3, seconds_per_token=0.0), None))
+    failed = asyncio.run(run(BlockingModel(tokens=10, seconds_per_token=0.0, fail_after=2), None))
+    abandoned = asyncio.run(run(BlockingModel(tokens=10_000, seconds_per_token=0.001), 2))
+    for exits in (finished, failed, abandoned):
+        assert exits == [("innova-provider", True)]
+
+
 def test_errors_in_the_thread_are_reraised_unchanged():
     model = BlockingModel(tokens=10, seconds_per_token=0.0, fail_after=3)
 

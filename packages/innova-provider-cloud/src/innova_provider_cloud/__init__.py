@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
 def make_openai(settings: Settings | None = None, **overrides: object) -> OpenAIProvider:
     """The factory of PROVIDER=openai; `overrides` are CloudSettings values (tests, benchmarks)."""
-    from innova_provider_cloud.base import RetryPolicy, Timeouts
+    from innova_provider_cloud.base import RetryPolicy, Timeouts, warn_if_past_the_core_wait
     from innova_provider_cloud.openai_provider import OpenAIProvider
 
     cloud = load_cloud_settings(**overrides)
@@ -39,26 +39,30 @@ def make_openai(settings: Settings | None = None, **overrides: object) -> OpenAI
                 "such as llama.cpp's, set any value, e.g. OPENAI_API_KEY=none)."
             ]
         )
+    timeouts = Timeouts.from_settings(cloud)
+    warn_if_past_the_core_wait(timeouts, settings, "openai")
     return OpenAIProvider(
         api_key=cloud.openai_api_key.get_secret_value(),
         base_url=cloud.openai_base_url,
-        timeouts=Timeouts.from_settings(cloud),
+        timeouts=timeouts,
         retry=RetryPolicy(max_retries=cloud.cloud_max_retries, max_wait=cloud.cloud_retry_max_wait_seconds),
     )
 
 
 def make_mistral(settings: Settings | None = None, **overrides: object) -> MistralProvider:
     """The factory of PROVIDER=mistral; `overrides` are CloudSettings values (tests, benchmarks)."""
-    from innova_provider_cloud.base import RetryPolicy, Timeouts
+    from innova_provider_cloud.base import RetryPolicy, Timeouts, warn_if_past_the_core_wait
     from innova_provider_cloud.mistral_provider import MistralProvider
 
     cloud = load_cloud_settings(**overrides)
     if cloud.mistral_api_key is None:
         raise ConfigError(["PROVIDER='mistral' needs MISTRAL_API_KEY (your key from console.mistral.ai)."])
+    timeouts = Timeouts.from_settings(cloud)
+    warn_if_past_the_core_wait(timeouts, settings, "mistral")
     return MistralProvider(
         api_key=cloud.mistral_api_key.get_secret_value(),
         server_url=cloud.mistral_base_url,
-        timeouts=Timeouts.from_settings(cloud),
+        timeouts=timeouts,
         retry=RetryPolicy(max_retries=cloud.cloud_max_retries, max_wait=cloud.cloud_retry_max_wait_seconds),
     )
 

@@ -31,12 +31,16 @@ from innova_server.chat import (
     error_for_status,
     parse_retry_after,
 )
+from innova_server.settings import Settings
 
 log = logging.getLogger("innova.provider.cloud")
 
 # API error codes / types meaning "the prompt does not fit the context window":
 # OpenAI and llama-cpp-python (`context_length_exceeded`), llama.cpp's C++
 # server (`exceed_context_size_error`), and the same idea spelled by others.
+# Mistral's own API has none: its context-length 400 carries code "3051",
+# which it also gives to other invalid arguments (README, "Mistral and
+# context length"), so it is not listed.
 CONTEXT_LENGTH_CODES = frozenset(
     {"context_length_exceeded", "exceed_context_size_error", "context_window_exceeded", "prompt_too_long"}
 )
@@ -44,7 +48,14 @@ CONTEXT_LENGTH_CODES = frozenset(
 
 @dataclass(frozen=True)
 class Timeouts:
-    """Seconds; all finite. `first_token` counts from the request being sent, `idle` between two chunks."""
+    """Seconds; all finite.
+
+    `first_token` counts from the start of the reply (the first try) to its
+    first chunk, retries and their waits included: it is the whole time a
+    failure can take to become an HTTP error, and it fits inside the core's
+    first-chunk wait (`CHAT_PING_SECONDS`) by default. `idle` is the longest
+    silence between two chunks, `total` the whole reply.
+    """
 
     connect: float
     first_token: float
@@ -153,14 +164,19 @@ class CloudProvider:
         if self._closed:
             raise ProviderUnavailable("The chat model provider is shut down.")
         loop = asyncio.get_running_loop()
-        total_deadline = loop.time() + self.timeouts.total
+        started = loop.time()
+        total_deadline = started + self.timeouts.total
+        # One deadline for everything before the first chunk, retries included:
+        # past it the core has opened the stream, and a failure could no longer
+        # be an HTTP error (README: "Before the first token").
+        first_deadline = min(started + self.timeouts.first_token, total_deadline)
         attempt = 0
         while True:
             upstream = self._open(request)
             yielded = False
             delay = 0.0
             try:
-                deadline = min(loop.time() + self.timeouts.first_token, total_deadline)
+                deadline = first_deadline
                 while True:
                     try:
                         async with asyncio.timeout_at(deadline):
@@ -180,8 +196,8 @@ class CloudProvider:
                 if yielded:
                     raise
                 wait = self.retry.delay(attempt, error)
-                if wait is None or loop.time() + wait >= total_deadline:
-                    raise
+                if wait is None or loop.time() + wait >= first_deadline:
+                    raise  # no retry can get a first token in time: this error, now
                 delay = wait
                 attempt += 1
                 log.info("%s: %s before the first token; retry %d in %.2fs", self.name, error.code, attempt, delay)
@@ -197,7 +213,7 @@ class CloudProvider:
         elif yielded:
             what = f"sent nothing for {self.timeouts.idle:g}s"
         else:
-            what = f"sent no first token within {self.timeouts.first_token:g}s"
+            what = f"sent no first token within {self.timeouts.first_token:g}s"  # retries included
         log.warning("%s: the model %s", self.name, what)
         return ProviderTimeout(f"The chat model {what}.")
 
@@ -206,6 +222,21 @@ class CloudProvider:
             return
         self._closed = True
         await self._close_client()
+
+
+def warn_if_past_the_core_wait(timeouts: Timeouts, settings: Settings | None, provider: str) -> None:
+    """Say at startup when a failure before the first token may arrive after the stream opened.
+
+    The core waits `CHAT_PING_SECONDS` for a provider's first chunk, then
+    opens the stream; only failures within that wait become HTTP errors.
+    """
+    if settings is not None and timeouts.first_token >= settings.chat_ping_seconds:
+        log.warning(
+            "%s: CLOUD_FIRST_TOKEN_TIMEOUT_SECONDS=%g is not below CHAT_PING_SECONDS=%g: a failure before the "
+            "first token that comes later than %gs arrives as an `error` event in an open stream, not as an "
+            "HTTP error",
+            provider, timeouts.first_token, settings.chat_ping_seconds, settings.chat_ping_seconds,
+        )  # fmt: skip
 
 
 def usage_numbers(usage: Any) -> tuple[int, int] | None:
@@ -228,4 +259,5 @@ __all__ = [
     "error_for_reply",
     "error_for_transport",
     "usage_numbers",
+    "warn_if_past_the_core_wait",
 ]

@@ -25,7 +25,9 @@ class CloudSettings(PluginSettings):
     mistral_base_url: str = DEFAULT_MISTRAL_BASE_URL
 
     cloud_connect_timeout_seconds: float = Field(5.0, gt=0, le=600)
-    cloud_first_token_timeout_seconds: float = Field(60.0, gt=0, le=3600)
+    #: Retries included; below the core's CHAT_PING_SECONDS (15 s) so that any
+    #: failure before the first token is an HTTP error (README, "Errors").
+    cloud_first_token_timeout_seconds: float = Field(12.0, gt=0, le=3600)
     cloud_idle_timeout_seconds: float = Field(30.0, gt=0, le=3600)
     cloud_total_timeout_seconds: float = Field(300.0, gt=0, le=86400)
     cloud_max_retries: int = Field(2, ge=0, le=10)

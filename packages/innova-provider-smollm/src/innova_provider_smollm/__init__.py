@@ -13,9 +13,9 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field
+from pydantic import Field, ValidationError
 
 from innova_provider_smollm.model import LlamaOptions, ModelFileError, choose_model, find_models
 from innova_provider_smollm.provider import FifoSlot, SmolLMProvider
@@ -57,10 +57,22 @@ class SmolLMSettings(PluginSettings):
         )
 
 
+def load_smollm_settings(**overrides: Any) -> SmolLMSettings:
+    """Read the `SMOLLM_*` variables; a bad value is a `ConfigError`, one line per problem, naming the variable."""
+    try:
+        return SmolLMSettings(**overrides)
+    except ValidationError as exc:
+        lines = []
+        for error in exc.errors(include_input=False):
+            name = ".".join(str(part) for part in error["loc"]).upper() or "SMOLLM settings"
+            lines.append(f"{name}: {error['msg']}")
+        raise ConfigError(lines) from None
+
+
 def make_local(settings: Settings) -> SmolLMProvider:
     """Build the provider; a missing model, a bad `CHAT_MODEL` or a model without chat template stops the start."""
+    plugin_settings = load_smollm_settings()
     try:
-        plugin_settings = SmolLMSettings()
         models = find_models(plugin_settings.smollm_model_path)
         name, path = choose_model(models, settings.chat_model)
         provider = SmolLMProvider(
@@ -84,11 +96,29 @@ def innova_register_providers(register: RegisterProvider) -> None:
     # The models are the GGUF files found now (a directory listing, cheap), so
     # `innova plugins` shows them and the core checks CHAT_MODEL against them.
     # A missing path is reported by the factory, only if PROVIDER=local.
+    # No model found is normal where another provider is used (the default path
+    # does not exist there): nothing to say. A bad SMOLLM_* value or an
+    # unreadable directory is someone's configuration: a warning (and, with
+    # PROVIDER=local, the factory stops the start with it). Anything else is
+    # a bug, left to the registry, which reports a failing plugin.
     try:
-        models = tuple(find_models(SmolLMSettings().smollm_model_path))
-    except Exception:
+        models = tuple(find_models(load_smollm_settings().smollm_model_path))
+    except ModelFileError:
+        models = ()
+    except ConfigError as exc:
+        log.warning("local provider: %s", "; ".join(exc.lines))
+        models = ()
+    except OSError as exc:
+        log.warning("local provider: cannot list SMOLLM_MODEL_PATH (%s)", exc)
         models = ()
     register("local", make_local, models=models, default_model=models[0] if models else None)
 
 
-__all__ = ["FifoSlot", "SmolLMProvider", "SmolLMSettings", "innova_register_providers", "make_local"]
+__all__ = [
+    "FifoSlot",
+    "SmolLMProvider",
+    "SmolLMSettings",
+    "innova_register_providers",
+    "load_smollm_settings",
+    "make_local",
+]

@@ -19,27 +19,26 @@ import asyncio
 import contextlib
 import logging
 import math
-import queue
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Generic, Literal, TypeVar, cast
+from typing import Literal
 
-from innova_provider_smollm.model import LlamaOptions, LocalModel, ModelFileError, Piece, load_model
+from innova_provider_smollm.model import LlamaOptions, LocalModel, ModelFileError, Piece, Prompt, load_model
 from innova_server.chat import (
     ChatChunk,
     ChatRequest,
     ProviderBusy,
     ProviderError,
     ProviderUnavailable,
+    iterate_in_thread,
 )
 
 log = logging.getLogger("innova.smollm")
 
 LoadWhen = Literal["startup", "lazy"]
-T = TypeVar("T")
 
 
 class FifoSlot:
@@ -86,82 +85,6 @@ class FifoSlot:
         self._held = False
 
 
-_DONE = object()
-
-
-class LockstepThread(Generic[T]):
-    """A blocking iterator in its own thread, advanced one item at a time, when asked (pull, not push).
-
-    Why not `innova_server.chat.iterate_in_thread`, which lets the thread run
-    ahead to the next item while the event loop handles the previous one: when
-    llama.cpp uses every core, the event loop's per-token work (the SSE write,
-    the client's socket) then runs *during* the next token's computation and
-    steals a core from llama.cpp's synchronised threads — about 25% of the
-    tokens/s on a 2-core machine. In lockstep the model waits while the loop
-    works (tens of microseconds per token) and the loop waits while the model
-    works. Closing (`stop`) takes effect before the next item: the thread
-    finishes the current one, closes the iterator, and calls `on_exit`.
-    """
-
-    def __init__(self, make_iterator: Callable[[], Iterator[T]], *, on_exit: Callable[[], None]) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._make_iterator = make_iterator
-        self._on_exit = on_exit
-        self._requests: queue.SimpleQueue[bool] = queue.SimpleQueue()
-        self._waiter: asyncio.Future[tuple[object, BaseException | None]] | None = None
-        threading.Thread(target=self._run, name="innova-smollm", daemon=True).start()
-
-    def _run(self) -> None:
-        iterator: Iterator[T] | None = None
-        final: tuple[object, BaseException | None] | None = None
-        try:
-            while self._requests.get():
-                try:
-                    if iterator is None:
-                        iterator = self._make_iterator()
-                    item: object = next(iterator)
-                except StopIteration:
-                    final = (_DONE, None)
-                    return
-                except BaseException as error:
-                    final = (_DONE, error)
-                    return
-                self._reply(item, None)
-        finally:
-            try:
-                close = getattr(iterator, "close", None)
-                if close is not None:
-                    with contextlib.suppress(Exception):
-                        close()
-            finally:
-                # `on_exit` first: whoever reads the end finds the slot already released.
-                self._on_exit()
-                if final is not None:
-                    self._reply(*final)
-
-    def _reply(self, item: object, error: BaseException | None) -> None:
-        waiter = self._waiter
-
-        def settle() -> None:
-            if waiter is not None and not waiter.done():  # a cancelled reader no longer waits
-                waiter.set_result((item, error))
-
-        with contextlib.suppress(RuntimeError):  # the loop is gone
-            self._loop.call_soon_threadsafe(settle)
-
-    async def next(self) -> T | None:
-        """The next item; None at the end; the iterator's exception, unchanged."""
-        self._waiter = self._loop.create_future()
-        self._requests.put(True)
-        item, error = await self._waiter
-        if error is not None:
-            raise error
-        return None if item is _DONE else cast(T, item)
-
-    def stop(self) -> None:
-        self._requests.put(False)
-
-
 class SmolLMProvider:
     """`PROVIDER=local`: a GGUF chat model in this process, through llama-cpp-python."""
 
@@ -182,6 +105,10 @@ class SmolLMProvider:
         self._model: LocalModel | None = None
         self._closed = False
         self._closing = threading.Event()
+        # Prompts being built outside the slot (see `stream`): `aclose` waits
+        # for them before freeing the model they read.
+        self._preparing = 0
+        self._prepared = threading.Condition()
         # Seconds a generation takes, for Retry-After; learnt as replies finish.
         self._seconds_per_reply = 5.0
         if load == "startup":
@@ -207,12 +134,45 @@ class SmolLMProvider:
             log.info("local model %s loaded in %.1f s", self.path.name, time.monotonic() - started)
         return self._model
 
+    def _prepare(self, model: LocalModel, request: ChatRequest) -> Prompt:
+        """The prompt, built in a thread without the slot; counted until the thread is done with the model."""
+        with self._prepared:
+            self._preparing += 1
+        try:
+            if self._closing.is_set():
+                raise ProviderUnavailable(message="The local model has been shut down.")
+            return model.prompt(request.messages, request.max_tokens)
+        finally:
+            with self._prepared:
+                self._preparing -= 1
+                self._prepared.notify_all()
+
+    def _wait_for_prompts(self) -> None:
+        """Block until no prompt is being built (`aclose`, in a thread: they take milliseconds)."""
+        with self._prepared:
+            self._prepared.wait_for(lambda: self._preparing == 0)
+
     def _retry_after(self) -> float:
         return float(max(1, math.ceil(self._seconds_per_reply * (self._slot.waiting + 1))))
 
     async def stream(self, request: ChatRequest) -> AsyncIterator[ChatChunk]:
         if self._closed:
             raise ProviderUnavailable(message="The local model has been shut down.")
+        # The prompt first, before queueing: a message too long for the window
+        # is a 413 at once, not after minutes in the queue (by then the core has
+        # opened the stream and could only send an `error` event). Rendering
+        # and tokenizing read only the template and the vocabulary, never the
+        # context a running generation uses, so they need no slot; in a thread,
+        # as they take milliseconds. With SMOLLM_LOAD=lazy before the first
+        # load there is no tokenizer yet: the thread builds it under the slot.
+        model = self._model
+        prompt: Prompt | None = None
+        if model is not None:
+            prompt = await asyncio.to_thread(self._prepare, model, request)
+            if self._closing.is_set():  # shut down meanwhile
+                raise ProviderUnavailable(message="The local model has been shut down.")
+        # No await between this check and the acquire: concurrent newcomers
+        # cannot all pass a check made before any of them queued.
         if self._slot.held and self._slot.waiting >= self.max_queue:
             raise ProviderBusy(
                 message=f"The local model is busy ({self._slot.waiting} requests waiting); try again shortly.",
@@ -233,19 +193,22 @@ class SmolLMProvider:
                 loop.call_soon_threadsafe(release)
 
         def work() -> Iterator[Piece]:
-            model = self._model_in_thread()
-            prompt = model.prompt(request.messages, request.max_tokens)
-            yield from model.generate(prompt, temperature=request.temperature, should_stop=self._closing.is_set)
+            current = self._model_in_thread()
+            ready = prompt if current is model else None
+            ready = ready or current.prompt(request.messages, request.max_tokens)
+            yield from current.generate(ready, temperature=request.temperature, should_stop=self._closing.is_set)
 
-        try:
-            if self._closed:
-                raise ProviderUnavailable(message="The local model has been shut down.")
-            runner = LockstepThread(work, on_exit=release_from_thread)  # from here the thread owns the slot
-        except BaseException:
+        if self._closing.is_set():  # shut down while we waited
             self._slot.release()
-            raise
+            raise ProviderUnavailable(message="The local model has been shut down.")
+        # Lockstep (the helper's default): the thread computes a token only
+        # when the stream asks, so the loop's per-token work never runs during
+        # llama.cpp's (≈ 25% of tokens/s on 2 cores otherwise). From the first
+        # step of `pieces` on — no await before it — the thread owns the slot
+        # and releases it (`on_exit`) after its last call into the model.
+        pieces = iterate_in_thread(work, on_exit=release_from_thread)
         try:
-            while (piece := await runner.next()) is not None:
+            async for piece in pieces:
                 if piece.text or piece.finish_reason:
                     yield ChatChunk(text=piece.text, finish_reason=piece.finish_reason, usage=piece.usage)
         except ProviderError:
@@ -254,7 +217,7 @@ class SmolLMProvider:
             log.exception("local model failed")
             raise ProviderUnavailable(message=f"The local model failed: {type(exc).__name__}.") from exc
         finally:
-            runner.stop()  # closed or cancelled: the thread stops before the next token
+            await pieces.aclose()  # closed or cancelled: the thread stops before the next token
 
     async def aclose(self) -> None:
         """Stop the running generation between two tokens, wait for its thread to leave the model, free it."""
@@ -264,6 +227,7 @@ class SmolLMProvider:
         self._closing.set()
         await self._slot.acquire()
         try:
+            await asyncio.to_thread(self._wait_for_prompts)  # they read the model we are about to free
             model, self._model = self._model, None
             if model is not None:
                 await asyncio.to_thread(model.close)

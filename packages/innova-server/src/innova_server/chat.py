@@ -70,18 +70,35 @@ _DONE = object()
 
 
 async def iterate_in_thread(
-    make_iterator: Callable[[], Iterator[T]], *, max_buffer: int = 64
+    make_iterator: Callable[[], Iterator[T]],
+    *,
+    max_buffer: int = 0,
+    on_exit: Callable[[], None] | None = None,
 ) -> AsyncGenerator[T, None]:
     """Run a blocking iterator (a local model's token loop) in its own thread, as an async generator.
 
     For providers whose work blocks: the event loop only ever awaits a queue.
-    Closing this generator (what the core does when the client leaves) sets a
-    flag the thread checks between two items, and the blocking iterator is
-    closed in its own thread — so a model stops after its current token.
+    Closing this generator (what the core does when the client leaves) stops
+    the thread before its next item, and the blocking iterator is closed in
+    its own thread — so a model stops after its current token.
     `make_iterator` runs in the thread too (loading a model blocks as well).
     Exceptions raised in the thread are re-raised here, unchanged. A
     dedicated thread, not the default executor: a long generation must not
     hold a slot that password hashing needs.
+
+    `max_buffer` is how many items the thread may compute before they are
+    asked for. The default, 0, is lockstep: the thread computes an item only
+    when this generator is asked for one, so the event loop's work per item
+    (the SSE write, the client's socket) never overlaps the model's. That is
+    the fast path for a model that uses every core: letting the thread run
+    ahead made the loop's work steal a core from llama.cpp's synchronised
+    threads, about 25% of the tokens/s on 2 cores. A producer that mostly
+    waits (on I/O) may set a few items of read-ahead instead.
+
+    `on_exit` is called in the thread after its last call into the iterator
+    (the iterator closed), however it ended — before the end or the error is
+    handed to the reader. A provider releases there what guards the model,
+    never from the event loop, where the thread may still be inside it.
 
     Inside a provider's own generator, wrap it in `contextlib.aclosing(...)`
     so that closing the provider's stream closes this one at once::
@@ -93,7 +110,9 @@ async def iterate_in_thread(
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[tuple[object, BaseException | None]] = asyncio.Queue()
     stop = threading.Event()
-    space = threading.Semaphore(max_buffer)  # back-pressure: a slow client slows the model
+    # One credit per item the thread may compute: `max_buffer` to start with,
+    # one more each time the reader asks. Back-pressure: a slow client slows the model.
+    credits = threading.Semaphore(max_buffer)
 
     def deliver(item: object, error: BaseException | None = None) -> None:
         with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is listening
@@ -101,36 +120,47 @@ async def iterate_in_thread(
 
     def work() -> None:
         iterator: Iterator[T] | None = None
+        final: tuple[object, BaseException | None] | None = None
         try:
-            iterator = make_iterator()
-            for item in iterator:
-                while not space.acquire(timeout=0.05):
-                    if stop.is_set():
-                        return
+            while True:
+                credits.acquire()
                 if stop.is_set():
+                    return  # the reader is gone: nothing to hand over
+                if iterator is None:
+                    iterator = make_iterator()
+                try:
+                    item = next(iterator)
+                except StopIteration:
+                    final = (_DONE, None)
                     return
                 deliver(item)
-            deliver(_DONE)
         except BaseException as error:
-            deliver(_DONE, error)
+            final = (_DONE, error)
         finally:
-            close = getattr(iterator, "close", None)
-            if close is not None:
-                with contextlib.suppress(Exception):
-                    close()
+            try:
+                close = getattr(iterator, "close", None)
+                if close is not None:
+                    with contextlib.suppress(Exception):
+                        close()
+                if on_exit is not None:
+                    on_exit()
+            finally:
+                if final is not None:
+                    deliver(*final)
 
     threading.Thread(target=work, name="innova-provider", daemon=True).start()
     try:
         while True:
+            credits.release()  # ask for the next item
             item, error = await queue.get()
             if item is _DONE:
                 if error is not None:
                     raise error
                 return
-            space.release()
             yield cast(T, item)
     finally:
         stop.set()
+        credits.release()  # wake the thread if it waits to be asked
 
 
 # -- errors ---------------------------------------------------------------
