@@ -11,7 +11,7 @@ import pytest
 from innova_provider_echo import EchoProvider, make_echo, split_words
 from innova_server.chat import ChatMessage, ChatProvider, ChatRequest
 from innova_server.plugins import PluginRegistry
-from innova_server.settings import Settings
+from innova_server.settings import ConfigError, Settings
 from innova_server.testing import ProviderConformance
 
 TRICKY = [
@@ -88,3 +88,13 @@ class TestEchoConformance(ProviderConformance):
 
     def expected_reply(self, request: ChatRequest) -> str | None:
         return request.messages[-1].content
+
+
+@pytest.mark.parametrize("value", ["soon", "-5"])
+def test_a_bad_echo_delay_is_one_clear_startup_line(monkeypatch, value):
+    monkeypatch.setenv("ECHO_DELAY_MS", value)
+    with pytest.raises(ConfigError) as refused:
+        make_echo(Settings(env="test"))
+    assert len(refused.value.lines) == 1
+    assert refused.value.lines[0].startswith("ECHO_DELAY_MS: ")
+    assert value not in refused.value.lines[0]

@@ -102,7 +102,7 @@ class SMTPConfig:
 
     @classmethod
     def from_settings(cls, settings: Settings, extra: SMTPSettings | None = None) -> SMTPConfig:
-        extra = extra if extra is not None else SMTPSettings()
+        extra = extra if extra is not None else SMTPSettings.load()
         if not settings.smtp_host:
             raise ConfigError(["MAILER=smtp needs SMTP_HOST (and SMTP_PORT, SMTP_USER, SMTP_PASS, SMTP_USE_TLS)."])
         security, port = resolve_security(settings.smtp_use_tls, settings.smtp_port, extra.smtp_tls_mode)

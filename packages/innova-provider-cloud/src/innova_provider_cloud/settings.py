@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, field_validator
 
-from innova_server.settings import ConfigError, PluginSettings
+from innova_server.settings import PluginSettings
 
 DEFAULT_OPENAI_MODEL = "gpt-4o-mini"
 DEFAULT_MISTRAL_MODEL = "mistral-small-latest"
@@ -56,11 +56,4 @@ class CloudSettings(PluginSettings):
 
 def load_cloud_settings(**overrides: Any) -> CloudSettings:
     """Read the variables; a bad value is a `ConfigError`, one line per problem (values never echoed)."""
-    try:
-        return CloudSettings(**overrides)
-    except ValidationError as exc:
-        lines = []
-        for error in exc.errors(include_input=False):
-            name = ".".join(str(part) for part in error["loc"]).upper() or "settings"
-            lines.append(f"{name}: {error['msg']}")
-        raise ConfigError(lines) from None
+    return CloudSettings.load(**overrides)

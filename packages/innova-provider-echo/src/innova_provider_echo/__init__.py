@@ -11,6 +11,8 @@ import asyncio
 import re
 from collections.abc import AsyncIterator
 
+from pydantic import Field
+
 from innova_server.chat import ChatChunk, ChatRequest, Usage
 from innova_server.plugins import RegisterProvider, hookimpl
 from innova_server.settings import PluginSettings, Settings
@@ -21,7 +23,7 @@ _WORD_START = re.compile(r"(?<=\s)(?=\S)")
 
 
 class EchoSettings(PluginSettings):
-    echo_delay_ms: int = 0
+    echo_delay_ms: int = Field(default=0, ge=0, le=60_000)
 
 
 def split_words(text: str) -> list[str]:
@@ -47,7 +49,7 @@ class EchoProvider:
 
 
 def make_echo(settings: Settings) -> EchoProvider:
-    return EchoProvider(EchoSettings().echo_delay_ms)
+    return EchoProvider(EchoSettings.load().echo_delay_ms)
 
 
 @hookimpl

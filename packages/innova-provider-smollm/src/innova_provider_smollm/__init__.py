@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, ValidationError
+from pydantic import Field
 
 from innova_provider_smollm.model import LlamaOptions, ModelFileError, choose_model, find_models
 from innova_provider_smollm.provider import FifoSlot, SmolLMProvider
@@ -59,14 +59,7 @@ class SmolLMSettings(PluginSettings):
 
 def load_smollm_settings(**overrides: Any) -> SmolLMSettings:
     """Read the `SMOLLM_*` variables; a bad value is a `ConfigError`, one line per problem, naming the variable."""
-    try:
-        return SmolLMSettings(**overrides)
-    except ValidationError as exc:
-        lines = []
-        for error in exc.errors(include_input=False):
-            name = ".".join(str(part) for part in error["loc"]).upper() or "SMOLLM settings"
-            lines.append(f"{name}: {error['msg']}")
-        raise ConfigError(lines) from None
+    return SmolLMSettings.load(**overrides)
 
 
 def make_local(settings: Settings) -> SmolLMProvider:

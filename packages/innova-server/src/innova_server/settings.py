@@ -13,7 +13,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Self
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -75,6 +75,24 @@ class PluginSettings(BaseSettings):
     def __init__(self, **values: Any) -> None:
         values.setdefault("_env_file", env_file())
         super().__init__(**values)
+
+    @classmethod
+    def load(cls, **overrides: Any) -> Self:
+        """Read the variables; a bad value is a `ConfigError`, one line per problem naming
+        the variable (values never echoed: they may be keys)."""
+        from pydantic import ValidationError
+        from pydantic_settings import SettingsError
+
+        try:
+            return cls(**overrides)
+        except SettingsError as exc:
+            raise ConfigError([str(exc)]) from None
+        except ValidationError as exc:
+            lines = []
+            for error in exc.errors(include_input=False):
+                name = ".".join(str(part) for part in error["loc"]).upper() or cls.__name__
+                lines.append(f"{name}: {error['msg']}")
+            raise ConfigError(lines) from None
 
 
 class Settings(PluginSettings):
@@ -298,16 +316,4 @@ class ConfigError(Exception):
 
 def load_settings(**overrides: Any) -> Settings:
     """Read the environment (and `.env` outside production); raise `ConfigError` on bad values."""
-    from pydantic import ValidationError
-    from pydantic_settings import SettingsError
-
-    try:
-        return Settings(**overrides)
-    except SettingsError as exc:
-        raise ConfigError([str(exc)]) from None
-    except ValidationError as exc:
-        lines = []
-        for error in exc.errors():
-            name = ".".join(str(part) for part in error["loc"]).upper() or "settings"
-            lines.append(f"{name}: {error['msg']}")
-        raise ConfigError(lines) from None
+    return Settings.load(**overrides)
