@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import time
@@ -22,6 +23,29 @@ def test_health_ok(server):
     response = httpx.get(f"{server.url}/health")
     assert response.status_code == 200
     assert response.json() == {"status": "ok", "mongo": "ok", "version": __version__, "provider": "echo"}
+
+
+def ping_count(url: str) -> float:
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.startswith('innova_mongo_commands_total{command="ping"}'):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_concurrent_health_checks_share_one_ping(server):
+    async def burst() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=server.url, limits=httpx.Limits(max_connections=40)) as client:
+            return await asyncio.gather(*(client.get("/health") for _ in range(40)))
+
+    before = ping_count(server.url)
+    answers = asyncio.run(burst())
+    assert all(a.status_code == 200 and a.json()["mongo"] == "ok" for a in answers)
+    pings = ping_count(server.url) - before
+    # Every check was answered by a real ping, but concurrent ones shared it.
+    assert 1 <= pings < 40, pings
+    # And a later check pings again: no answer is served from a stale result.
+    httpx.get(f"{server.url}/health")
+    assert ping_count(server.url) - before == pings + 1
 
 
 def test_metrics_for_loopback_and_counted_routes(server):

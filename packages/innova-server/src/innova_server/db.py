@@ -78,7 +78,7 @@ class _CommandCounter(CommandListener):
 class Database:
     """The process's MongoDB connection and the application's collections."""
 
-    def __init__(self, uri: str, name: str, *, timeout_ms: int = 5000) -> None:
+    def __init__(self, uri: str, name: str, *, timeout_ms: int = 30_000) -> None:
         # `timeoutMS` bounds every operation, server selection, connecting and
         # waiting for the reply included: a MongoDB that accepts connections
         # but stops answering gives a timeout error (503), never a request
@@ -93,6 +93,7 @@ class Database:
             appname="innova",
         )
         self.db: AsyncDatabase[Document] = self.client[name]
+        self._shared_ping: asyncio.Task[bool] | None = None
 
     @property
     def users(self) -> AsyncCollection[Document]:
@@ -148,6 +149,21 @@ class Database:
         finally:
             metrics.MONGO_PING_SECONDS.observe(time.monotonic() - started)
         return True
+
+    async def shared_ping(self, timeout: float = 2.0) -> bool:  # noqa: ASYNC109 - a budget, not a cancel scope
+        """`ping`, with concurrent callers sharing the one in flight.
+
+        For `/health`: a load balancer, the deploy workflow and monitoring may
+        poll it at once, and under load fifty health checks need not be fifty
+        round trips. Each answer is still a ping that started after the
+        previous one ended (at most `timeout` old), and a caller leaving does
+        not cancel the ping others wait on.
+        """
+        task = self._shared_ping
+        if task is None or task.done():
+            task = asyncio.ensure_future(self.ping(timeout))
+            self._shared_ping = task
+        return await asyncio.shield(task)
 
     async def close(self) -> None:
         await self.client.close()

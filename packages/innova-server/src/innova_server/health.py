@@ -13,7 +13,7 @@ router = APIRouter(tags=["operations"])
 @router.get("/health")
 async def health(request: Request) -> JSONResponse:
     services = request.app.state.services
-    mongo_ok = await services.db.ping(timeout=2.0)
+    mongo_ok = await services.db.shared_ping(timeout=2.0)
     body = {
         "status": "ok" if mongo_ok else "error",
         "mongo": "ok" if mongo_ok else "error",

@@ -105,7 +105,7 @@ class Settings(PluginSettings):
 
     mongo_uri: SecretStr | None = None
     db_name: str = "innova_db"
-    mongo_timeout_ms: int = Field(5000, ge=100, description="budget of each MongoDB operation (timeoutMS)")
+    mongo_timeout_ms: int = Field(30_000, ge=100, description="budget of each MongoDB operation (timeoutMS)")
     innova_data_dir: Path = Path(".innova")
 
     allowed_origins: CommaList = Field(default_factory=list)
