@@ -467,3 +467,25 @@ def test_production_refuses_the_console_mailer(make_settings):
         env="production", mailer="console", allowed_origins=["https://innovaplus.africa"], cookie_secure=True
     )
     assert any("console mailer" in line for line in settings.problems())
+
+
+def test_an_internationalised_domain_gets_its_mail_in_idna_form(server):
+    email = "ana@exémple.fr"
+    with httpx.Client(base_url=server.url) as client:
+        already = len(server.services.mailer.sent)
+        register(client, email)
+        token = forgot_and_get_token(client, server, email, already=already)
+        message = server.services.mailer.sent[already]
+        # An ASCII header a mail server accepts, not an RFC 2047-encoded address.
+        assert message["To"] == "ana@xn--exmple-cva.fr"
+        assert b"To: ana@xn--exmple-cva.fr" in message.as_bytes()
+        reset = client.post("/auth/reset", json={"token": token, "email": email, "password": "a brand new one"})
+        assert reset.status_code == 200
+
+
+def test_a_non_ascii_local_part_is_refused_at_registration(server):
+    # It would need SMTPUTF8, which many providers refuse: the reset mail could never arrive.
+    with httpx.Client(base_url=server.url) as client:
+        refused = client.post("/auth/register", json={"email": "josé@example.fr", "password": PASSWORD})
+    assert refused.status_code == 422
+    assert "ASCII" in refused.text

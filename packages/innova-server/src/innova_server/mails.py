@@ -45,11 +45,27 @@ def _clean_name(name: str | None) -> str:
     return _SPACES.sub(" ", name or "").strip()[:100]
 
 
+def ascii_address(address: str) -> str:
+    """`address` with its domain in IDNA form (`ana@exémple.fr` → `ana@xn--exmple-cva.fr`).
+
+    A header holds only ASCII addresses: a raw non-ASCII domain would be
+    RFC 2047-encoded into an address no server accepts. Local parts are ASCII
+    already (the API refuses others).
+    """
+    local, _, domain = address.rpartition("@")
+    if domain.isascii():
+        return address
+    try:
+        return f"{local}@{domain.encode('idna').decode('ascii')}"
+    except UnicodeError:
+        return address
+
+
 def _base(settings: Settings, to: str, subject: str, now: datetime) -> EmailMessage:
     display, address = sender_address(settings)
     message = EmailMessage()
     message["From"] = formataddr((display, address))
-    message["To"] = to
+    message["To"] = ascii_address(to)
     message["Subject"] = subject
     message["Date"] = format_datetime(now)
     message["Message-ID"] = make_msgid(domain=address.rsplit("@", 1)[1])

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, EmailStr, Field, StringConstraints
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, EmailStr, Field, StringConstraints
 
 from innova_server.auth.passwords import MAX_PASSWORD_CHARS
 
@@ -18,8 +18,17 @@ def _normalise_email(value: object) -> object:
     return value.strip().lower()
 
 
+def _ascii_local_part(value: str) -> str:
+    # An internationalised domain is fine (mails go to its IDNA form), but a
+    # non-ASCII local part needs SMTPUTF8, which many mail providers refuse:
+    # such an account could never receive its reset mail, so it is refused here.
+    if not value.rsplit("@", 1)[0].isascii():
+        raise ValueError("the part before @ must use ASCII characters only")
+    return value
+
+
 # Trimmed and lower-cased before validation, so " Ada@Example.COM " is ada@example.com.
-Email = Annotated[EmailStr, BeforeValidator(_normalise_email)]
+Email = Annotated[EmailStr, BeforeValidator(_normalise_email), AfterValidator(_ascii_local_part)]
 Password = Annotated[str, Field(min_length=8, max_length=MAX_PASSWORD_CHARS)]
 # Login accepts any stored password; the bound only keeps argon2 off huge input.
 LoginPassword = Annotated[str, Field(min_length=1, max_length=MAX_PASSWORD_CHARS)]
