@@ -18,7 +18,7 @@ from bson import ObjectId
 from httpx_sse import connect_sse
 
 from innova_server.chat import ChatChunk, ChatMessage, ChatRequest, ProviderUnavailable, Usage
-from innova_server.chatlaya.service import ChatTurn, TurnContext
+from innova_server.chatlaya.service import ChatTurn, TurnContext, drain_finalisers
 from innova_server.chatlaya.store import ConversationStore, MessageStore, StreamSlots
 from innova_server.db import Database
 from innova_server.plugins import RegisterProvider, hookimpl
@@ -307,3 +307,32 @@ async def test_a_second_cancellation_while_closing_still_writes_the_message_and_
     stored = await messages.collection.find_one({"_id": context.message_id})
     assert stored is not None and stored["status"] == "incomplete" and stored["content"] == "dit "
     assert await slots.held(slot.key) == 0
+
+
+async def test_shutdown_waits_for_cut_streams_before_the_database_closes(mongo_uri: str, db_name: str, db):
+    # What Services.aclose does after uvicorn's graceful timeout cancelled the
+    # request tasks: drain the shielded endings, then close the database.
+    database = Database(mongo_uri, db_name)
+    conversations, messages = ConversationStore(database), MessageStore(database)
+    slots = StreamSlots(database, lease=timedelta(minutes=5))
+    user_id = str(ObjectId())
+    conversation = await conversations.create(user_id)
+    slot = await slots.acquire(f"chat:{user_id}", 1)
+    assert slot is not None
+    context = TurnContext(user_id, conversation.id, str(ObjectId()), ObjectId(), "stubborn", "m1", slot)
+    provider = StubbornProvider(cleanup=0.5)
+    turn = ChatTurn(context, provider, ChatRequest([ChatMessage("user", "q")], "m1"), messages, slots, conversations)
+    turn.begin()
+    assert [e.name for e in await turn.next_events(5)] == ["token"]
+    closing = asyncio.create_task(turn.close())
+    await asyncio.sleep(0.05)
+    closing.cancel()  # the request task, cancelled by the server's stop
+    with pytest.raises(asyncio.CancelledError):
+        await closing
+
+    await drain_finalisers()
+    await database.close()  # right away, as at shutdown
+
+    stored = db.messages.find_one({"_id": context.message_id})
+    assert stored is not None and stored["status"] == "incomplete" and stored["content"] == "dit "
+    assert live_slots(db) == 0

@@ -325,3 +325,25 @@ class EchoLike:
 
     async def aclose(self) -> None:
         return None
+
+
+class AnyioThreadProvider:
+    """Does one blocking call the way the core does (anyio's worker threads, kept idle for reuse)."""
+
+    async def stream(self, request: ChatRequest) -> AsyncIterator[ChatChunk]:
+        import anyio.to_thread
+
+        text = await anyio.to_thread.run_sync(lambda: "ok")
+        yield ChatChunk(text=text)
+        yield ChatChunk(text=" done")
+
+    async def aclose(self) -> None:
+        return None
+
+
+def test_conformance_suite_accepts_anyio_worker_threads():
+    # AnyIO's idle pool threads outlive the call by design; they are no leak.
+    suite = ProviderConformance()
+    suite.stop_timeout = 0.3
+    suite.test_closing_the_iterator_stops_the_stream(AnyioThreadProvider)
+    suite.test_streams_text_chunks(AnyioThreadProvider)

@@ -19,6 +19,7 @@ import pytest
 
 from innova_server.auth.tokens import hash_token
 from innova_server.mail import MailerError
+from innova_server.mails import ascii_address
 from innova_server.plugins import RegisterMailer, hookimpl
 from innova_server.testing import registered
 from innova_server.testing.server import wait_for
@@ -489,3 +490,9 @@ def test_a_non_ascii_local_part_is_refused_at_registration(server):
         refused = client.post("/auth/register", json={"email": "josé@example.fr", "password": PASSWORD})
     assert refused.status_code == 422
     assert "ASCII" in refused.text
+
+
+def test_the_idna_form_keeps_the_domain_it_was_given():
+    # Python's IDNA 2003 codec would send ß to "ss": strasse.de, someone else's domain.
+    assert ascii_address("ana@straße.de") == "ana@xn--strae-oqa.de"
+    assert ascii_address("ana@example.com") == "ana@example.com"

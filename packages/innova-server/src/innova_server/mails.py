@@ -46,19 +46,26 @@ def _clean_name(name: str | None) -> str:
 
 
 def ascii_address(address: str) -> str:
-    """`address` with its domain in IDNA form (`ana@exémple.fr` → `ana@xn--exmple-cva.fr`).
+    """`address` with its domain in IDNA 2008 form (`ana@exémple.fr` → `ana@xn--exmple-cva.fr`).
 
     A header holds only ASCII addresses: a raw non-ASCII domain would be
-    RFC 2047-encoded into an address no server accepts. Local parts are ASCII
-    already (the API refuses others).
+    RFC 2047-encoded into an address no server accepts. The conversion is
+    email-validator's (the one that validated the address), not Python's
+    IDNA 2003 codec, which maps `straße.de` to `strasse.de` — another domain,
+    where a reset link must never go. No ASCII form: `ValueError` (the mail is
+    not sent; the background task logs and counts it).
     """
-    local, _, domain = address.rpartition("@")
-    if domain.isascii():
+    if address.isascii():
         return address
+    from email_validator import EmailNotValidError, validate_email
+
     try:
-        return f"{local}@{domain.encode('idna').decode('ascii')}"
-    except UnicodeError:
-        return address
+        ascii_form = validate_email(address, check_deliverability=False).ascii_email
+    except EmailNotValidError:
+        ascii_form = None
+    if not ascii_form:
+        raise ValueError("this address has no ASCII form to send to")
+    return ascii_form
 
 
 def _base(settings: Settings, to: str, subject: str, now: datetime) -> EmailMessage:

@@ -10,7 +10,7 @@ from innova_server.auth.recovery import RecoveryManager
 from innova_server.auth.store import SessionStore, UserStore
 from innova_server.background import BackgroundTasks
 from innova_server.chat import ChatProvider
-from innova_server.chatlaya.service import SLOT_LEASE, ChatService
+from innova_server.chatlaya.service import SLOT_LEASE, ChatService, drain_finalisers
 from innova_server.chatlaya.store import ConversationStore, MessageStore, StreamSlots
 from innova_server.db import Database
 from innova_server.mail import Mailer
@@ -37,6 +37,7 @@ class Services:
     async def aclose(self) -> None:
         try:
             await self.tasks.drain()  # mails being sent get a grace period
+            await drain_finalisers()  # streams cut by the stop are stored, their slots freed
             await self.provider.aclose()
         finally:
             await self.db.close()

@@ -33,6 +33,7 @@ from datetime import timedelta
 from typing import Any, TypeVar
 
 from bson import ObjectId
+from pymongo.errors import PyMongoError
 
 from innova_server import metrics
 from innova_server.auth.store import utcnow
@@ -85,6 +86,15 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 
 # Work that must finish even if its caller is cancelled (see `_shielded`).
 _BACKGROUND: set[asyncio.Task[Any]] = set()
+
+
+async def drain_finalisers(timeout: float = CANCEL_GRACE_SECONDS + 5) -> None:  # noqa: ASYNC109 - a budget
+    """Wait (bounded) for the shielded endings of streams: at shutdown, before the
+    database closes, so a stream cut by the server's stop is still stored
+    (`incomplete`) and its slot released, not left to the lease."""
+    pending = set(_BACKGROUND)
+    if pending:
+        await asyncio.wait(pending, timeout=timeout)
 
 
 def clean_text(text: str) -> str:
@@ -428,7 +438,14 @@ class ChatTurn:
             # Deleted while it streamed? `delete_conversation` removes the
             # conversation before its messages, so either its `delete_many`
             # saw this message, or this check sees the conversation gone.
-            if not await self._conversations.exists(context.conversation_id):
+            try:
+                gone = not await self._conversations.exists(context.conversation_id)
+            except PyMongoError as error:
+                # The reply is stored: telling the client to send again would
+                # duplicate the turn. At worst an orphan stays behind.
+                log.warning("orphan check failed for message %s: %s", context.message_id, type(error).__name__)
+                gone = False
+            if gone:
                 await self._messages.delete(str(context.message_id))
         finally:
             metrics.CHAT_ACTIVE.dec()

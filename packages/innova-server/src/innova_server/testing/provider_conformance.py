@@ -70,7 +70,9 @@ class ErrorCase:
 
 # The thread-name prefix of the event loop's default executor (`asyncio.to_thread`,
 # DNS lookups): idle workers that `asyncio.run` joins when the loop closes.
-_DEFAULT_EXECUTOR_PREFIX = "asyncio_"
+# Pools that outlive their work by design: asyncio's default executor and
+# AnyIO's worker threads (`anyio.to_thread.run_sync`, kept idle for reuse).
+_DEFAULT_EXECUTOR_PREFIX = ("asyncio_", "AnyIO worker thread")
 
 
 @dataclass(frozen=True)
