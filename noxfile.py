@@ -88,7 +88,7 @@ def tests(session: nox.Session) -> None:
     `tests_models`, which this one queues after itself when run without arguments.
     """
     install_workspace(session, "embedded", "production")
-    session.install(*TEST_DEPS)
+    session.install(*PINS, *TEST_DEPS)
     ensure_system_tools(session)
     if session.posargs:
         session.run("pytest", *session.posargs)
@@ -134,7 +134,7 @@ def serve(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     """Benchmarks; figures go to benchmarks/results/ and stdout."""
     install_workspace(session, "embedded", "production")
-    session.install("httpx>=0.27", "httpx-sse>=0.4", "psutil>=5.9")
+    session.install(*PINS, "httpx>=0.27", "httpx-sse>=0.4", "psutil>=5.9")
     session.run("python", "benchmarks/http_bench.py")
     session.run("python", "benchmarks/chat_bench.py")
 

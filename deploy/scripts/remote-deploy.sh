@@ -40,7 +40,7 @@ if [[ ! -r "$PLUGINS_FILE" ]]; then
     fi
 fi
 plugins=()
-while read -r name _; do
+while read -r name _ || [[ -n ${name:-} ]]; do  # also a last line without its newline
     [[ -z "$name" || "$name" == \#* ]] && continue
     plugins+=("$name")
 done <"$PLUGINS_FILE"

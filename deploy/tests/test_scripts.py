@@ -386,7 +386,8 @@ def test_remote_deploy_installs_the_listed_plugins_pinned_by_the_constraints(
 ) -> None:
     app = deploy_tree(tmp_path)
     plugins = tmp_path / "plugins.txt"
-    plugins.write_text("innova-mailer\ninnova-provider-echo   # PROVIDER=echo\n")
+    # The last line has no newline (as an editor may leave it): still read.
+    plugins.write_text("innova-mailer\ninnova-provider-echo   # PROVIDER=echo")
     log = tmp_path / "pip.calls"
     python = fake_bin("python3", FAKE_PYTHON)
     result = run_remote_deploy(app, plugins, PYTHON=str(python), FAKE_LOG=str(log))
