@@ -281,8 +281,10 @@ async def stores(mongo_uri: str, db_name: str, db):
     await database.close()
 
 
-async def test_a_second_cancellation_while_closing_still_writes_the_message_and_frees_the_slot(stores, db):
-    conversations, messages, slots = stores
+async def a_close_cancelled_midway(
+    conversations: ConversationStore, messages: MessageStore, slots: StreamSlots
+) -> tuple[TurnContext, StubbornProvider]:
+    """A turn whose client left after one token, its `close()` cancelled again while the provider stops."""
     user_id = str(ObjectId())
     conversation = await conversations.create(user_id)
     slot = await slots.acquire(f"chat:{user_id}", 1)
@@ -298,6 +300,13 @@ async def test_a_second_cancellation_while_closing_still_writes_the_message_and_
     closing.cancel()  # ... and is cancelled again (the server stopping)
     with pytest.raises(asyncio.CancelledError):
         await closing
+    return context, provider
+
+
+async def test_a_second_cancellation_while_closing_still_writes_the_message_and_frees_the_slot(stores, db):
+    conversations, messages, slots = stores
+    context, provider = await a_close_cancelled_midway(conversations, messages, slots)
+    slot = context.slot
 
     await asyncio.wait_for(provider.stopped.wait(), 5)
     for _ in range(500):
@@ -315,20 +324,7 @@ async def test_shutdown_waits_for_cut_streams_before_the_database_closes(mongo_u
     database = Database(mongo_uri, db_name)
     conversations, messages = ConversationStore(database), MessageStore(database)
     slots = StreamSlots(database, lease=timedelta(minutes=5))
-    user_id = str(ObjectId())
-    conversation = await conversations.create(user_id)
-    slot = await slots.acquire(f"chat:{user_id}", 1)
-    assert slot is not None
-    context = TurnContext(user_id, conversation.id, str(ObjectId()), ObjectId(), "stubborn", "m1", slot)
-    provider = StubbornProvider(cleanup=0.5)
-    turn = ChatTurn(context, provider, ChatRequest([ChatMessage("user", "q")], "m1"), messages, slots, conversations)
-    turn.begin()
-    assert [e.name for e in await turn.next_events(5)] == ["token"]
-    closing = asyncio.create_task(turn.close())
-    await asyncio.sleep(0.05)
-    closing.cancel()  # the request task, cancelled by the server's stop
-    with pytest.raises(asyncio.CancelledError):
-        await closing
+    context, _ = await a_close_cancelled_midway(conversations, messages, slots)
 
     await drain_finalisers()
     await database.close()  # right away, as at shutdown
