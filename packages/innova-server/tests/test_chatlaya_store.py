@@ -10,7 +10,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from bson import ObjectId
 
-from innova_server.chatlaya.store import ConversationStore, MessageStore, StreamSlots
+from innova_server.chatlaya.messages import MessageStore
+from innova_server.chatlaya.store import ConversationStore, StreamSlots
 from innova_server.db import Database
 
 

@@ -51,8 +51,12 @@ def test_messages_endpoint_returns_the_turn(server):
         page = client.get("/chatlaya/messages", params={"conversation_id": conversation_id}).json()
     assert page["next_cursor"] is None
     user, assistant = page["items"]
-    fields = {"id", "conversation_id", "role", "content", "created_at", "status", "provider", "model", "finish_reason"}
-    assert set(user) == fields
+    fields = {
+        "id", "conversation_id", "parent_id", "role", "content", "created_at", "status", "provider", "model",
+        "finish_reason",
+    }  # fmt: skip
+    assert set(user) == fields and set(assistant) == fields
+    assert user["parent_id"] is None and assistant["parent_id"] == user["id"] == stream.data("start")["user_message_id"]
     assert (user["role"], user["content"], user["status"]) == ("user", "un deux trois", "complete")
     assert (assistant["role"], assistant["content"], assistant["status"]) == ("assistant", "un deux trois", "complete")
     assert assistant["provider"] == "echo" and assistant["model"] == "echo" and assistant["finish_reason"] == "stop"
@@ -98,5 +102,7 @@ def test_database_round_trips_per_turn_do_not_grow_with_the_reply(server):
         short = per_turn("un deux trois")
         long = per_turn("mot " * 2000)
     assert short == long
-    assert short["insert"] == 2  # the user message, and the assistant message once at the end
-    assert sum(short.values()) <= 10
+    # Both messages in one insert; the assistant message finished with one update.
+    assert short["insert"] == 1
+    # The session lookup, rate limit, conversation, slot, history, insert, touch, finish, slot release.
+    assert sum(short.values()) <= 9

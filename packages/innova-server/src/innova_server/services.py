@@ -10,8 +10,10 @@ from innova_server.auth.recovery import RecoveryManager
 from innova_server.auth.store import SessionStore, UserStore
 from innova_server.background import BackgroundTasks
 from innova_server.chat import ChatProvider
-from innova_server.chatlaya.service import SLOT_LEASE, ChatService, drain_finalisers
-from innova_server.chatlaya.store import ConversationStore, MessageStore, StreamSlots
+from innova_server.chatlaya.messages import MessageStore
+from innova_server.chatlaya.service import ChatService
+from innova_server.chatlaya.store import ConversationStore, StreamSlots
+from innova_server.chatlaya.turns import TurnRegistry
 from innova_server.db import Database
 from innova_server.mail import Mailer
 from innova_server.plugins import PluginRegistry, ProviderEntry
@@ -32,12 +34,13 @@ class Services:
     mailer: Mailer
     recovery: RecoveryManager
     tasks: BackgroundTasks
+    turns: TurnRegistry
     chat: ChatService
 
     async def aclose(self) -> None:
         try:
             await self.tasks.drain()  # mails being sent get a grace period
-            await drain_finalisers()  # streams cut by the stop are stored, their slots freed
+            await self.turns.aclose()  # replies still running are stored (interrupted), their slots freed
             await self.provider.aclose()
         finally:
             await self.db.close()
@@ -58,12 +61,14 @@ def build_services(settings: Settings, plugins: PluginRegistry, mongo_uri: str) 
     auth = AuthManager(settings, users, sessions, passwords, limiter)
     tasks = BackgroundTasks()
     recovery = RecoveryManager(settings, db, users, sessions, passwords, limiter, mailer, tasks)
+    turns = TurnRegistry()
     chat = ChatService(
         settings,
         ConversationStore(db),
         MessageStore(db),
-        StreamSlots(db, lease=SLOT_LEASE),
+        StreamSlots(db, lease=settings.chat_lease),
         limiter,
+        turns,
         provider_name=provider_entry.name,
         model=model,
         provider=provider,
@@ -80,5 +85,6 @@ def build_services(settings: Settings, plugins: PluginRegistry, mongo_uri: str) 
         mailer,
         recovery=recovery,
         tasks=tasks,
+        turns=turns,
         chat=chat,
     )

@@ -12,6 +12,7 @@ import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
 
@@ -148,6 +149,13 @@ class Settings(PluginSettings):
     chat_max_tokens: int = Field(512, ge=1)
     chat_temperature: float = Field(0.7, ge=0, le=2)
     chat_ping_seconds: float = Field(15.0, gt=0)
+    # A reply outlives its request: checkpoints, the dead-worker lease, and how
+    # long it goes on with nobody watching (0 = stop when the client leaves).
+    # The checkpoint interval bounds how soon a stop sent to another process
+    # lands, hence its ceiling (a stop must land within 2 s).
+    chat_checkpoint_ms: int = Field(1000, ge=50, le=1500)
+    chat_lease_seconds: float = Field(30.0, ge=2, le=3600)
+    chat_detached_timeout_seconds: float = Field(60.0, ge=0, le=86_400)
 
     metrics_token: SecretStr | None = None
     innova_load_plugins: CommaList | None = None
@@ -207,6 +215,10 @@ class Settings(PluginSettings):
         return self.mongo_uri.get_secret_value() if self.mongo_uri else None
 
     @property
+    def chat_lease(self) -> timedelta:
+        return timedelta(seconds=self.chat_lease_seconds)
+
+    @property
     def smtp_sender(self) -> str | None:
         return self.smtp_from_email or self.smtp_user
 
@@ -237,6 +249,11 @@ class Settings(PluginSettings):
         """
         uri_problem = self.mongo_uri_problem()
         lines: list[str] = [uri_problem] if uri_problem else []
+        if self.chat_lease_seconds < 3 * self.chat_checkpoint_ms / 1000:
+            lines.append(
+                f"CHAT_LEASE_SECONDS={self.chat_lease_seconds:g} must be at least three checkpoint intervals "
+                f"(CHAT_CHECKPOINT_MS={self.chat_checkpoint_ms}): a live reply would be declared dead."
+            )
         if self.env != "production":
             return lines
         if not self.mongo_uri_value:

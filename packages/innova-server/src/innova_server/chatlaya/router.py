@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Response, status
+from fastapi import APIRouter, Header, Path, Query, Response, status
 from fastapi.exceptions import RequestValidationError
 
 from innova_server.auth.dependencies import CurrentUser, ServicesDep
@@ -17,12 +17,14 @@ from innova_server.chatlaya.schemas import (
     ConversationOut,
     ConversationPage,
     ConversationPatch,
+    MessageEnvelope,
     MessageIn,
     MessageOut,
     MessagePage,
 )
 from innova_server.chatlaya.sse import EventStreamResponse
 from innova_server.chatlaya.store import InvalidCursor
+from innova_server.chatlaya.streams import MAX_EVENT_ID, InvalidEventId, LiveStream
 
 PREFIX = "/chatlaya"
 
@@ -30,9 +32,13 @@ Limit = Annotated[int, Query(ge=1, le=100)]
 Cursor = Annotated[str | None, Query(max_length=200)]
 
 
-def _bad_cursor(name: str, value: str) -> RequestValidationError:
-    error: dict[str, Any] = {"type": "value_error", "loc": ("query", name), "msg": "invalid cursor", "input": value}
+def _invalid(loc: tuple[str, str], message: str) -> RequestValidationError:
+    error: dict[str, Any] = {"type": "value_error", "loc": loc, "msg": message}
     return RequestValidationError([error])
+
+
+def _bad_cursor(name: str, value: str) -> RequestValidationError:
+    return _invalid(("query", name), "invalid cursor")
 
 
 async def session(user: CurrentUser, services: ServicesDep) -> ConversationEnvelope:
@@ -83,7 +89,39 @@ async def list_messages(
 
 async def send_message(body: MessageIn, user: CurrentUser, services: ServicesDep) -> EventStreamResponse:
     turn = await services.chat.open_turn(user.id, body.content, body.conversation_id)
-    return EventStreamResponse(turn, ping_seconds=services.settings.chat_ping_seconds)
+    return EventStreamResponse(LiveStream(turn), ping_seconds=services.settings.chat_ping_seconds)
+
+
+MessageId = Annotated[str, Path(max_length=64)]
+
+
+async def message_events(
+    message_id: MessageId,
+    user: CurrentUser,
+    services: ServicesDep,
+    last_event_id: Annotated[str | None, Query(max_length=MAX_EVENT_ID)] = None,
+    last_event_id_header: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
+) -> EventStreamResponse:
+    """Resume (or replay) a reply after the last event id the client saw.
+
+    The header wins over the query parameter: an EventSource reconnecting to a
+    URL that carries the first id sends the newer one in the header.
+    """
+    position: str | None = last_event_id
+    loc = ("query", "last_event_id")
+    if last_event_id_header is not None:
+        loc, position = ("header", "Last-Event-ID"), last_event_id_header.strip()
+    if position is not None and len(position) > MAX_EVENT_ID:
+        raise _invalid(loc, f"at most {MAX_EVENT_ID} characters")
+    try:
+        source = await services.chat.resume(user.id, message_id, position)
+    except InvalidEventId:
+        raise _invalid(loc, "this id names no position of this message") from None
+    return EventStreamResponse(source, ping_seconds=services.settings.chat_ping_seconds)
+
+
+async def stop_message(message_id: MessageId, user: CurrentUser, services: ServicesDep) -> MessageEnvelope:
+    return MessageEnvelope(message=MessageOut.of(await services.chat.stop(user.id, message_id)))
 
 
 def build_router() -> APIRouter:
@@ -106,6 +144,17 @@ def build_router() -> APIRouter:
         methods=["POST"],
         status_code=status.HTTP_200_OK,  # FastAPI's OpenAPI cannot infer it from our response class
         response_class=EventStreamResponse,
-        responses={200: {"content": {"text/event-stream": {}}, "description": "start, token…, done (DESIGN §5)"}},
+        responses={200: {"content": {"text/event-stream": {}}, "description": "start, token…, done"}},
+    )
+    router.add_api_route(
+        "/messages/{message_id}/events",
+        message_events,
+        methods=["GET"],
+        status_code=status.HTTP_200_OK,
+        response_class=EventStreamResponse,
+        responses={200: {"content": {"text/event-stream": {}}, "description": "start, token…, done after an id"}},
+    )
+    router.add_api_route(
+        "/messages/{message_id}/stop", stop_message, methods=["POST"], status_code=status.HTTP_202_ACCEPTED
     )
     return router

@@ -1,4 +1,4 @@
-"""Request and response bodies of the Chatlaya API (DESIGN §5)."""
+"""Request and response bodies of the Chatlaya API (packages/innova-server/README.md, "Chatlaya")."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ from typing import Annotated
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 
-from innova_server.chatlaya.store import ConversationRecord, MessageRecord
+from innova_server.chatlaya.messages import MessageRecord
+from innova_server.chatlaya.store import ConversationRecord
 
 MAX_CONTENT_CHARS = 32_000
 MAX_TITLE_CHARS = 200
@@ -68,6 +69,7 @@ class ConversationPage(BaseModel):
 class MessageOut(BaseModel):
     id: str
     conversation_id: str
+    parent_id: str | None
     role: str
     content: str
     created_at: datetime
@@ -81,6 +83,7 @@ class MessageOut(BaseModel):
         return cls(
             id=record.id,
             conversation_id=record.conversation_id,
+            parent_id=record.parent_id,
             role=record.role,
             content=record.content,
             created_at=record.created_at,
@@ -89,6 +92,10 @@ class MessageOut(BaseModel):
             model=record.model,
             finish_reason=record.finish_reason,
         )
+
+
+class MessageEnvelope(BaseModel):
+    message: MessageOut
 
 
 class MessagePage(BaseModel):

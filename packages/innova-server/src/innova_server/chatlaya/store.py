@@ -1,4 +1,4 @@
-"""Conversations, messages and stream slots in MongoDB, behind small typed interfaces.
+"""Conversations and stream slots in MongoDB (messages: `messages.py`), behind small typed interfaces.
 
 Every state change that must be atomic is a single MongoDB operation:
 
@@ -15,7 +15,7 @@ import binascii
 import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal
+from typing import Any
 
 from bson import ObjectId
 from pymongo import DESCENDING, ReturnDocument
@@ -23,9 +23,6 @@ from pymongo.errors import DuplicateKeyError
 
 from innova_server.auth.store import object_id, utcnow
 from innova_server.db import Database, Document
-
-MessageStatus = Literal["complete", "incomplete", "error"]
-
 
 # -- records -----------------------------------------------------------------
 
@@ -50,35 +47,6 @@ class ConversationRecord:
             created_at=doc["created_at"],
             updated_at=doc["updated_at"],
             archived=bool(doc.get("archived", False)),
-        )
-
-
-@dataclass(frozen=True)
-class MessageRecord:
-    id: str
-    conversation_id: str
-    role: str
-    content: str
-    created_at: datetime
-    status: str
-    provider: str | None
-    model: str | None
-    finish_reason: str | None
-    usage: dict[str, int] | None
-
-    @classmethod
-    def from_doc(cls, doc: Document) -> MessageRecord:
-        return cls(
-            id=str(doc["_id"]),
-            conversation_id=str(doc["conversation_id"]),
-            role=doc["role"],
-            content=doc.get("content", ""),
-            created_at=doc["created_at"],
-            status=doc.get("status", "complete"),
-            provider=doc.get("provider"),
-            model=doc.get("model"),
-            finish_reason=doc.get("finish_reason"),
-            usage=doc.get("usage"),
         )
 
 
@@ -176,11 +144,12 @@ class ConversationStore:
             return await self.active(user_id) or await self.create(user_id)
         return ConversationRecord.from_doc(doc)
 
-    async def touch(self, conversation: ConversationRecord, now: datetime, first_message: str | None) -> None:
+    async def touch(self, conversation: ConversationRecord, now: datetime, first_message: str | None) -> bool:
         """Move `updated_at`; set the automatic title if the conversation has none yet.
 
         The title filter re-checks `title_set_by_user` in the same operation, so
-        a rename racing with the first message always wins.
+        a rename racing with the first message always wins. False when the
+        conversation is gone (deleted while the turn was being opened).
         """
         oid = ObjectId(conversation.id)
         if first_message is not None and conversation.title is None and not conversation.title_set_by_user:
@@ -189,8 +158,9 @@ class ConversationStore:
                 {"$set": {"updated_at": now, "title": make_title(first_message)}},
             )
             if result.matched_count:
-                return
-        await self.collection.update_one({"_id": oid}, {"$set": {"updated_at": now}})
+                return True
+        result = await self.collection.update_one({"_id": oid}, {"$set": {"updated_at": now}})
+        return result.matched_count == 1
 
     async def update(
         self, user_id: str, conversation_id: str, *, title: str | None = None, archived: bool | None = None
@@ -261,93 +231,6 @@ def make_title(text: str, limit: int = 60) -> str:
     return title + ("…" if len(title) < len(" ".join(words)) else "")
 
 
-# -- messages ----------------------------------------------------------------
-
-
-class MessageStore:
-    def __init__(self, db: Database) -> None:
-        self.collection = db.messages
-
-    async def add(
-        self,
-        *,
-        conversation_id: str,
-        user_id: str,
-        role: str,
-        content: str,
-        created_at: datetime,
-        status: MessageStatus = "complete",
-        message_id: ObjectId | None = None,
-        provider: str | None = None,
-        model: str | None = None,
-        finish_reason: str | None = None,
-        usage: dict[str, int] | None = None,
-    ) -> MessageRecord:
-        doc: Document = {
-            "_id": message_id or ObjectId(),
-            "conversation_id": ObjectId(conversation_id),
-            "user_id": ObjectId(user_id),
-            "role": role,
-            "content": content,
-            "created_at": created_at,
-            "status": status,
-            "provider": provider,
-            "model": model,
-            "finish_reason": finish_reason,
-            "usage": usage,
-        }
-        await self.collection.insert_one(doc)
-        return MessageRecord.from_doc(doc)
-
-    async def delete(self, message_id: str) -> None:
-        await self.collection.delete_one({"_id": ObjectId(message_id)})
-
-    async def delete_conversation(self, conversation_id: str) -> int:
-        result = await self.collection.delete_many({"conversation_id": ObjectId(conversation_id)})
-        return result.deleted_count
-
-    async def recent(self, conversation_id: str, *, limit: int) -> list[MessageRecord]:
-        """The newest `limit` messages, newest first, in one round trip."""
-        docs = await (
-            self.collection.find(
-                {"conversation_id": ObjectId(conversation_id)},
-                projection={"user_id": 0},
-            )
-            .sort([("created_at", DESCENDING), ("_id", DESCENDING)])
-            .limit(limit)
-            .batch_size(limit)
-            .to_list()
-        )
-        return [MessageRecord.from_doc(doc) for doc in docs]
-
-    async def page(
-        self, conversation_id: str, *, limit: int, before: str | None
-    ) -> tuple[list[MessageRecord], str | None]:
-        """A page of messages oldest→newest; `next_cursor` pages toward older ones.
-
-        The cursor is the oldest item's `(created_at, _id)`: messages that arrive
-        while a client pages back are newer than anything it still has to
-        fetch, so the walk is complete and free of duplicates.
-        """
-        query: dict[str, Any] = {"conversation_id": ObjectId(conversation_id)}
-        if before:
-            when, oid = decode_cursor(before)
-            query["$or"] = [{"created_at": {"$lt": when}}, {"created_at": when, "_id": {"$lt": oid}}]
-        docs = await (
-            self.collection.find(query, projection={"user_id": 0})
-            .sort([("created_at", DESCENDING), ("_id", DESCENDING)])
-            .limit(limit + 1)
-            .batch_size(limit + 1)
-            .to_list()
-        )
-        newest_first = [MessageRecord.from_doc(doc) for doc in docs[:limit]]
-        next_cursor = None
-        if len(docs) > limit:
-            oldest = newest_first[-1]
-            next_cursor = encode_cursor(oldest.created_at, oldest.id)
-        return list(reversed(newest_first)), next_cursor
-
-
 # -- stream slots ------------------------------------------------------------
 
 
@@ -370,8 +253,9 @@ class StreamSlots:
         self.collection = db.stream_slots
         self.lease = lease
 
-    async def acquire(self, key: str, capacity: int) -> Slot | None:
-        slot = Slot(key, secrets.token_hex(8))
+    async def acquire(self, key: str, capacity: int, slot_id: str | None = None) -> Slot | None:
+        """A slot of `key` (named `slot_id`, e.g. the reply's message id), or None when all are held."""
+        slot = Slot(key, slot_id or secrets.token_hex(8))
         for attempt in range(2):
             if await self._try_push(slot, capacity):
                 return slot
@@ -407,8 +291,9 @@ class StreamSlots:
             doc = await self.collection.find_one({"_id": slot.key, "holders.id": slot.id}, projection={"_id": 1})
         return doc is not None
 
-    async def renew(self, slot: Slot) -> None:
-        expires_at = utcnow() + self.lease
+    async def renew(self, slot: Slot, until: datetime | None = None) -> None:
+        """Extend the slot's lease, to `until` when given (a reply aligns it with its message's lease)."""
+        expires_at = until or utcnow() + self.lease
         await self.collection.update_one(
             {"_id": slot.key, "holders.id": slot.id},
             {"$set": {"holders.$.expires_at": expires_at}, "$max": {"expires_at": expires_at}},
@@ -429,9 +314,6 @@ __all__ = [
     "ConversationRecord",
     "ConversationStore",
     "InvalidCursor",
-    "MessageRecord",
-    "MessageStatus",
-    "MessageStore",
     "Slot",
     "StreamSlots",
     "decode_cursor",

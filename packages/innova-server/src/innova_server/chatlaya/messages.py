@@ -1,0 +1,303 @@
+"""Messages in MongoDB: the history, and an assistant reply's life from `streaming` to its end.
+
+An assistant message is a small state machine kept in its own document, so
+that any worker or host can read, follow or stop a reply that another one is
+generating (docs/architecture.md, "A turn"):
+
+- inserted with the user message when the stream opens: `status: "streaming"`,
+  `content: ""`, a lease (`lease_expires_at`);
+- checkpointed while it grows: the text so far and a renewed lease, in one
+  `find_one_and_update` that also returns the stop flag and the last time a
+  follower on another process looked (`watched_at`), so the generating worker
+  learns both without an extra round trip;
+- finished once: status, finish_reason, usage, error — conditioned on
+  `status: "streaming"`, so a message declared dead in the meantime (its lease
+  expired) or deleted with its conversation is never resurrected.
+
+A `streaming` message whose lease has expired belongs to a worker that died:
+every read shows it `incomplete` / `interrupted` (`MessageRecord.from_doc`),
+and `interrupt` makes that permanent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, Literal
+
+from bson import ObjectId
+from pymongo import DESCENDING, ReturnDocument
+
+from innova_server.auth.store import object_id, utcnow
+from innova_server.chatlaya.store import decode_cursor, encode_cursor
+from innova_server.db import Database, Document
+
+MessageStatus = Literal["streaming", "complete", "incomplete", "error"]
+FINAL_STATUSES = ("complete", "incomplete", "error")
+
+# Fields a reader never needs (and the stored text is not re-read by the writer).
+_HIDDEN = {"user_id": 0, "watched_at": 0}
+
+
+@dataclass(frozen=True)
+class MessageRecord:
+    id: str
+    conversation_id: str
+    role: str
+    content: str
+    created_at: datetime
+    status: str
+    provider: str | None
+    model: str | None
+    finish_reason: str | None
+    usage: dict[str, int] | None
+    parent_id: str | None = None
+    error: dict[str, Any] | None = None
+    lease_expires_at: datetime | None = None
+
+    @classmethod
+    def from_doc(cls, doc: Document, now: datetime | None = None) -> MessageRecord:
+        """The message as a reader must see it: a lapsed lease reads `incomplete` / `interrupted`."""
+        status = doc.get("status", "complete")
+        finish_reason = doc.get("finish_reason")
+        lease = doc.get("lease_expires_at")
+        if status == "streaming" and lease is not None and lease <= (now or utcnow()):
+            status, finish_reason = "incomplete", "interrupted"
+        parent = doc.get("parent_id")
+        return cls(
+            id=str(doc["_id"]),
+            conversation_id=str(doc["conversation_id"]),
+            role=doc["role"],
+            content=doc.get("content", ""),
+            created_at=doc["created_at"],
+            status=status,
+            provider=doc.get("provider"),
+            model=doc.get("model"),
+            finish_reason=finish_reason,
+            usage=doc.get("usage"),
+            parent_id=str(parent) if parent is not None else None,
+            error=doc.get("error"),
+            lease_expires_at=lease,
+        )
+
+    @property
+    def streaming(self) -> bool:
+        return self.status == "streaming"
+
+    @property
+    def lapsed(self) -> bool:
+        """Stored as `streaming`, but its worker is gone (the lease ran out)."""
+        return self.finish_reason == "interrupted" and self.lease_expires_at is not None
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """What the generating worker learns from a checkpoint write."""
+
+    stop_requested: bool
+    watched_at: datetime | None
+
+
+class MessageStore:
+    def __init__(self, db: Database) -> None:
+        self.collection = db.messages
+
+    # -- a turn's two messages --------------------------------------------
+
+    async def open_turn(
+        self,
+        *,
+        conversation_id: str,
+        user_id: str,
+        content: str,
+        parent_id: str | None,
+        assistant_id: ObjectId,
+        provider: str,
+        model: str,
+        created_at: datetime,
+        lease: timedelta,
+    ) -> MessageRecord:
+        """Insert the user message and the `streaming` assistant message in one round trip.
+
+        The assistant message is created a millisecond later, so the history's
+        order (`created_at`, then `_id`) keeps the question before the answer.
+        """
+        user_doc: Document = {
+            "_id": ObjectId(),
+            "conversation_id": ObjectId(conversation_id),
+            "user_id": ObjectId(user_id),
+            "parent_id": object_id(parent_id) if parent_id else None,
+            "role": "user",
+            "content": content,
+            "created_at": created_at,
+            "status": "complete",
+            "provider": None,
+            "model": None,
+            "finish_reason": None,
+            "usage": None,
+        }
+        assistant_doc: Document = {
+            "_id": assistant_id,
+            "conversation_id": ObjectId(conversation_id),
+            "user_id": ObjectId(user_id),
+            "parent_id": user_doc["_id"],
+            "role": "assistant",
+            "content": "",
+            "created_at": created_at + timedelta(milliseconds=1),
+            "status": "streaming",
+            "provider": provider,
+            "model": model,
+            "finish_reason": None,
+            "usage": None,
+            "lease_expires_at": utcnow() + lease,
+        }
+        await self.collection.insert_many([user_doc, assistant_doc], ordered=True)
+        return MessageRecord.from_doc(user_doc)
+
+    async def checkpoint(self, message_id: str, *, content: str | None, until: datetime) -> Checkpoint | None:
+        """Renew the lease to `until` (and store `content` when given); None when no longer streaming."""
+        changes: dict[str, Any] = {"lease_expires_at": until}
+        if content is not None:
+            changes["content"] = content
+        doc = await self.collection.find_one_and_update(
+            {"_id": ObjectId(message_id), "status": "streaming"},
+            {"$set": changes},
+            projection={"stop_requested": 1, "watched_at": 1},
+            return_document=ReturnDocument.AFTER,
+        )
+        if doc is None:
+            return None
+        return Checkpoint(bool(doc.get("stop_requested")), doc.get("watched_at"))
+
+    async def finish(
+        self,
+        message_id: str,
+        *,
+        status: MessageStatus,
+        content: str,
+        finish_reason: str,
+        usage: dict[str, int] | None,
+        error: dict[str, Any] | None,
+    ) -> bool:
+        """The reply's end, written once; False when it was no longer `streaming` (deleted, or declared dead)."""
+        result = await self.collection.update_one(
+            {"_id": ObjectId(message_id), "status": "streaming"},
+            {
+                "$set": {
+                    "status": status,
+                    "content": content,
+                    "finish_reason": finish_reason,
+                    "usage": usage,
+                    "error": error,
+                    "finished_at": utcnow(),
+                },
+                "$unset": {"lease_expires_at": "", "stop_requested": ""},
+            },
+        )
+        return result.matched_count == 1
+
+    async def delete_turn(self, *message_ids: str) -> None:
+        await self.collection.delete_many({"_id": {"$in": [ObjectId(m) for m in message_ids]}})
+
+    # -- what other processes do to a reply ----------------------------------
+
+    async def assistant(self, user_id: str, message_id: str) -> MessageRecord | None:
+        """The caller's assistant message; None for anything else (unknown, foreign, a user message)."""
+        oid = object_id(message_id)
+        if oid is None:
+            return None
+        doc = await self.collection.find_one(
+            {"_id": oid, "user_id": ObjectId(user_id), "role": "assistant"}, projection=_HIDDEN
+        )
+        return MessageRecord.from_doc(doc) if doc else None
+
+    async def request_stop(self, user_id: str, message_id: str) -> MessageRecord | None:
+        """Raise the stop flag of the caller's reply if it is streaming; the message as it is now."""
+        oid = object_id(message_id)
+        if oid is None:
+            return None
+        doc = await self.collection.find_one_and_update(
+            {
+                "_id": oid,
+                "user_id": ObjectId(user_id),
+                "role": "assistant",
+                "status": "streaming",
+                "lease_expires_at": {"$gt": utcnow()},
+            },
+            {"$set": {"stop_requested": True}},
+            projection=_HIDDEN,
+            return_document=ReturnDocument.AFTER,
+        )
+        if doc is not None:
+            return MessageRecord.from_doc(doc)
+        return await self.assistant(user_id, message_id)  # finished, lapsed, or not the caller's
+
+    async def watch(self, message_id: str) -> MessageRecord | None:
+        """Read a reply for a follower on this process, marking it watched (for the detached timeout)."""
+        doc = await self.collection.find_one_and_update(
+            {"_id": ObjectId(message_id)},
+            {"$set": {"watched_at": utcnow()}},
+            projection=_HIDDEN,
+            return_document=ReturnDocument.AFTER,
+        )
+        return MessageRecord.from_doc(doc) if doc else None
+
+    async def interrupt(self, message_id: str) -> bool:
+        """Store a lapsed reply as `incomplete` / `interrupted`; True when this call did it."""
+        result = await self.collection.update_one(
+            {"_id": ObjectId(message_id), "status": "streaming", "lease_expires_at": {"$lte": utcnow()}},
+            {
+                "$set": {"status": "incomplete", "finish_reason": "interrupted", "finished_at": utcnow()},
+                "$unset": {"lease_expires_at": "", "stop_requested": ""},
+            },
+        )
+        return result.modified_count == 1
+
+    # -- the history --------------------------------------------------------
+
+    async def delete_conversation(self, conversation_id: str) -> int:
+        result = await self.collection.delete_many({"conversation_id": ObjectId(conversation_id)})
+        return result.deleted_count
+
+    async def recent(self, conversation_id: str, *, limit: int) -> list[MessageRecord]:
+        """The newest `limit` messages, newest first, in one round trip."""
+        docs = await (
+            self.collection.find({"conversation_id": ObjectId(conversation_id)}, projection=_HIDDEN)
+            .sort([("created_at", DESCENDING), ("_id", DESCENDING)])
+            .limit(limit)
+            .batch_size(limit)
+            .to_list()
+        )
+        now = utcnow()
+        return [MessageRecord.from_doc(doc, now) for doc in docs]
+
+    async def page(
+        self, conversation_id: str, *, limit: int, before: str | None
+    ) -> tuple[list[MessageRecord], str | None]:
+        """A page of messages oldest→newest; `next_cursor` pages toward older ones.
+
+        The cursor is the oldest item's `(created_at, _id)`: messages that arrive
+        while a client pages back are newer than anything it still has to
+        fetch, so the walk is complete and free of duplicates.
+        """
+        query: dict[str, Any] = {"conversation_id": ObjectId(conversation_id)}
+        if before:
+            when, oid = decode_cursor(before)
+            query["$or"] = [{"created_at": {"$lt": when}}, {"created_at": when, "_id": {"$lt": oid}}]
+        docs = await (
+            self.collection.find(query, projection=_HIDDEN)
+            .sort([("created_at", DESCENDING), ("_id", DESCENDING)])
+            .limit(limit + 1)
+            .batch_size(limit + 1)
+            .to_list()
+        )
+        now = utcnow()
+        newest_first = [MessageRecord.from_doc(doc, now) for doc in docs[:limit]]
+        next_cursor = None
+        if len(docs) > limit:
+            oldest = newest_first[-1]
+            next_cursor = encode_cursor(oldest.created_at, oldest.id)
+        return list(reversed(newest_first)), next_cursor
+
+
+__all__ = ["FINAL_STATUSES", "Checkpoint", "MessageRecord", "MessageStatus", "MessageStore"]
