@@ -29,7 +29,7 @@ from innova_server.chatlaya.turns import Ending, Turn
 log = logging.getLogger("innova.chatlaya")
 
 MAX_EVENT_ID = 100
-_EVENT_ID = re.compile(r"^([0-9a-f]{24})\.(0|[1-9][0-9]{0,9})$")
+_EVENT_ID = re.compile(r"([0-9a-f]{24})\.(0|[1-9][0-9]{0,9})")
 
 
 class InvalidEventId(ValueError):
@@ -44,7 +44,7 @@ def parse_event_id(value: str | None, message_id: str) -> int:
     """The offset named by `value` (0 when absent); `InvalidEventId` unless it is one of this message's ids."""
     if value is None or value == "":
         return 0
-    match = _EVENT_ID.match(value)
+    match = _EVENT_ID.fullmatch(value)  # never `$`: it would accept a trailing newline
     if match is None or match[1] != message_id:
         raise InvalidEventId(value)
     return int(match[2])
