@@ -178,7 +178,7 @@ def test_undocumented_exception_is_reported_as_provider_unavailable(with_provide
 
 
 class GarbageProvider:
-    """Breaks the protocol: yields a str, then (second instance) raises from `stream()` itself."""
+    """Breaks the protocol: yields a dict, then (second instance) raises from `stream()` itself."""
 
     def __init__(self) -> None:
         self.calls = 0
@@ -191,7 +191,7 @@ class GarbageProvider:
 
     async def _garbage(self) -> AsyncIterator[Any]:
         yield ChatChunk(text="ok ")
-        yield "not a chunk"
+        yield {"text": "not a chunk"}
 
     async def aclose(self) -> None:
         return None

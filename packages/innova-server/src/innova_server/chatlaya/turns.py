@@ -301,8 +301,10 @@ class Turn:
         try:
             iterator = self._provider.stream(self._request)
             async for chunk in iterator:
-                if not isinstance(chunk, ChatChunk):
-                    raise TypeError(f"stream() yielded {type(chunk).__name__}, not ChatChunk")
+                if isinstance(chunk, str):  # a bare string is a text chunk (the plugin SDK allows it)
+                    chunk = ChatChunk(text=chunk)
+                elif not isinstance(chunk, ChatChunk):
+                    raise TypeError(f"stream() yielded {type(chunk).__name__}, not ChatChunk or str")
                 self._take(chunk)
                 # A provider that never awaits must not hold the event loop for its whole reply.
                 await asyncio.sleep(0)
