@@ -156,6 +156,11 @@ class Settings(PluginSettings):
     chat_checkpoint_ms: int = Field(1000, ge=50, le=1500)
     chat_lease_seconds: float = Field(30.0, ge=2, le=3600)
     chat_detached_timeout_seconds: float = Field(60.0, ge=0, le=86_400)
+    # Conversation titles: the first message's words, or asked of the model in the background.
+    chat_titles: Literal["first_message", "model"] = "first_message"
+    chat_title_timeout_seconds: float = Field(20.0, gt=0, le=600)
+    # Model tokens (prompt + completion) per user per UTC day; unset = unlimited.
+    chat_daily_tokens_user: int | None = Field(None, ge=1)
 
     metrics_token: SecretStr | None = None
     innova_load_plugins: CommaList | None = None
