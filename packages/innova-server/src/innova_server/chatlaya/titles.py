@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import Callable
 
 from innova_server import metrics
@@ -40,8 +41,8 @@ IDLE_POLL_SECONDS = 0.25
 def clean_title(raw: str) -> str:
     """The model's answer as a title: its first line, unquoted, at most 60 characters."""
     line = next((part for part in raw.strip().splitlines() if part.strip()), "")
+    line = re.sub(r"^\s*(titre|title)\s*:\s*", "", line, flags=re.IGNORECASE)
     line = line.strip().strip("\"'«»“”*#").strip()
-    line = line.removeprefix("Titre :").removeprefix("Titre:").strip()
     return make_title(line, TITLE_MAX_CHARS) if line else ""
 
 
