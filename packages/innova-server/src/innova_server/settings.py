@@ -128,6 +128,7 @@ class Settings(PluginSettings):
     rate_limit_forgot_email: Limit = RateLimit(5, 3600)
     rate_limit_forgot_ip: Limit = RateLimit(20, 3600)
     rate_limit_chat_user: Limit = RateLimit(30, 60)
+    rate_limit_conversations_user: Limit = RateLimit(100, 86400)
     chat_max_concurrent_streams: int = Field(3, ge=1)
 
     smtp_host: str | None = None
@@ -177,6 +178,7 @@ class Settings(PluginSettings):
         "rate_limit_forgot_email",
         "rate_limit_forgot_ip",
         "rate_limit_chat_user",
+        "rate_limit_conversations_user",
         mode="before",
     )
     @classmethod

@@ -42,7 +42,7 @@ from innova_server.chatlaya.streams import InvalidEventId, LiveStream, StoredStr
 from innova_server.chatlaya.titles import TitleWriter
 from innova_server.chatlaya.tree import Tree, path_through
 from innova_server.chatlaya.turns import Turn, TurnContext, TurnRegistry, TurnTimings
-from innova_server.chatlaya.usage import DailyUsage, UsageStore
+from innova_server.chatlaya.usage import DailyUsage, UsageStore, seconds_to_utc_midnight
 from innova_server.errors import AppError, ErrorCode
 from innova_server.ratelimit import RateLimiter, limit_key
 from innova_server.settings import Settings
@@ -126,10 +126,23 @@ class ChatService:
     # -- conversations --------------------------------------------------------
 
     async def session(self, user_id: str) -> ConversationRecord:
+        active = await self.conversations.active(user_id)
+        if active is not None:
+            return active
+        await self._consume_conversation_quota(user_id)
         return await self.conversations.get_or_create_active(user_id)
 
     async def create_conversation(self, user_id: str) -> ConversationRecord:
+        await self._consume_conversation_quota(user_id)
         return await self.conversations.create(user_id)
+
+    async def _consume_conversation_quota(self, user_id: str) -> None:
+        """`RATE_LIMIT_CONVERSATIONS_USER`: what one account may create, as 429 `quota_exceeded`."""
+        limit = self.settings.rate_limit_conversations_user
+        hit = await self.limiter.hit(limit_key("conversations", user_id), limit)
+        if hit.count > limit.count:
+            metrics.RATE_LIMITED.labels("conversations").inc()
+            raise AppError(ErrorCode.QUOTA_EXCEEDED, headers={"Retry-After": str(hit.retry_after)})
 
     async def owned(self, user_id: str, conversation_id: str) -> ConversationRecord:
         conversation = await self.conversations.get(user_id, conversation_id)
@@ -277,7 +290,18 @@ class ChatService:
         return await self._start_turn(user_id, conversation, path, None)
 
     async def _consume_message_limit(self, user_id: str) -> None:
-        await self.limiter.consume("chat", limit_key("chat", user_id), self.settings.rate_limit_chat_user)
+        """The per-minute message limit, and the daily token quota (read together: one round trip of wait)."""
+        limit = self.settings.chat_daily_tokens_user
+        if limit is None:
+            await self.limiter.consume("chat", limit_key("chat", user_id), self.settings.rate_limit_chat_user)
+            return
+        _, today = await asyncio.gather(
+            self.limiter.consume("chat", limit_key("chat", user_id), self.settings.rate_limit_chat_user),
+            self.usage.today(user_id),
+        )
+        if today.tokens >= limit:
+            metrics.RATE_LIMITED.labels("daily_tokens").inc()
+            raise AppError(ErrorCode.QUOTA_EXCEEDED, headers={"Retry-After": str(seconds_to_utc_midnight())})
 
     async def _start_turn(
         self, user_id: str, conversation: ConversationRecord, parent_path: list[str], content: str | None

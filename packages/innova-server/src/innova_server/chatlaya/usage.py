@@ -25,6 +25,13 @@ def utc_day(now: datetime) -> str:
     return now.strftime("%Y-%m-%d")
 
 
+def seconds_to_utc_midnight(now: datetime | None = None) -> int:
+    """When today's quota resets (the `Retry-After` of a 429 `quota_exceeded`)."""
+    now = now or utcnow()
+    tomorrow = (now + timedelta(days=1)).replace(hour=0, minute=0, second=0, microsecond=0)
+    return max(1, int((tomorrow - now).total_seconds()))
+
+
 def estimate_tokens(characters: int) -> int:
     return (characters + 3) // 4
 
@@ -66,4 +73,4 @@ class UsageStore:
         return DailyUsage(doc.get("messages", 0), doc.get("prompt_tokens", 0), doc.get("completion_tokens", 0))
 
 
-__all__ = ["DailyUsage", "UsageStore", "estimate_tokens", "utc_day"]
+__all__ = ["DailyUsage", "UsageStore", "estimate_tokens", "seconds_to_utc_midnight", "utc_day"]
