@@ -417,3 +417,28 @@ def test_usage_counts_replies_errors_and_stops(start_server, monkeypatch):
     assert usage["messages"] == 4
     # Two replies with the provider's counts (7 + 2 each), two estimated (characters / 4, at least 1).
     assert usage["prompt_tokens"] >= 14 + 2 and usage["completion_tokens"] >= 4 + 2
+
+
+def test_a_refused_regeneration_keeps_the_question_and_the_branch(start_server, db):
+    class FailsSecondTime:
+        def __init__(self) -> None:
+            self.calls = 0
+
+        async def stream(self, request: ChatRequest) -> AsyncIterator[ChatChunk]:
+            self.calls += 1
+            if self.calls > 1:
+                raise ProviderUnavailable("down")
+            yield ChatChunk(text="ok")
+
+        async def aclose(self) -> None:
+            return None
+
+    with registered(ProviderPlugin("flaky", FailsSecondTime()), name="flaky-plugin"):
+        server = start_server(provider="flaky")
+        with signed_in(server.url) as client:
+            first = send(client, "question").data("start")
+            before = branch(client, first["conversation_id"])
+            refused = regenerate(client, first["message_id"])
+            assert refused.status == 503 and refused.body["detail"]["code"] == "provider_unavailable"
+            assert branch(client, first["conversation_id"]) == before
+    assert db.messages.count_documents({}) == 2  # the question and its reply, nothing else

@@ -352,6 +352,7 @@ class ChatService:
             provider=self.provider_name,
             model=self.model,
             slot=slot,
+            new_user_message=content is not None,
         )
         turn = Turn(context, self.provider, request, self.messages, self.slots, self.timings, self.usage)
         self.turns.start(turn)

@@ -79,6 +79,8 @@ class TurnContext:
     provider: str
     model: str
     slot: Slot
+    # False for a regeneration: the user message existed before, and a refused turn must not delete it.
+    new_user_message: bool = True
 
     def start_payload(self) -> dict[str, str]:
         return {
@@ -419,7 +421,10 @@ class Turn:
         context = self.context
         try:
             await self._halt_provider()
-            await self._messages.delete_turn(context.user_message_id, context.message_id)
+            created = [context.message_id]
+            if context.new_user_message:
+                created.append(context.user_message_id)
+            await self._messages.delete_turn(*created)
         except Exception:  # the request fails anyway; say so in the log, free the slot
             log.exception("could not delete the messages of a refused turn")
         finally:
