@@ -167,55 +167,40 @@ async def usage(user: CurrentUser, services: ServicesDep) -> UsageOut:
     )
 
 
+def _stream_route(router: APIRouter, path: str, endpoint: Any, method: str, description: str) -> None:
+    # FastAPI's OpenAPI cannot infer the status or the media type from our response class.
+    router.add_api_route(
+        path,
+        endpoint,
+        methods=[method],
+        status_code=status.HTTP_200_OK,
+        response_class=EventStreamResponse,
+        responses={200: {"content": {"text/event-stream": {}}, "description": description}},
+    )
+
+
+def _no_content_route(router: APIRouter, path: str, endpoint: Any) -> None:
+    router.add_api_route(
+        path, endpoint, methods=["DELETE"], status_code=status.HTTP_204_NO_CONTENT, response_class=Response
+    )
+
+
 def build_router() -> APIRouter:
     router = APIRouter(prefix=PREFIX, tags=["chatlaya"])
     router.add_api_route("/session", session, methods=["POST"])
     router.add_api_route("/conversations", create_conversation, methods=["POST"], status_code=status.HTTP_201_CREATED)
     router.add_api_route("/conversations", list_conversations, methods=["GET"])
     router.add_api_route("/conversations/{conversation_id}", update_conversation, methods=["PATCH"])
-    router.add_api_route(
-        "/conversations/{conversation_id}",
-        delete_conversation,
-        methods=["DELETE"],
-        status_code=status.HTTP_204_NO_CONTENT,
-        response_class=Response,
-    )
+    _no_content_route(router, "/conversations/{conversation_id}", delete_conversation)
+    router.add_api_route("/conversations/{conversation_id}/branch", switch_branch, methods=["POST"])
     router.add_api_route("/messages", list_messages, methods=["GET"])
-    router.add_api_route(
-        "/message",
-        send_message,
-        methods=["POST"],
-        status_code=status.HTTP_200_OK,  # FastAPI's OpenAPI cannot infer it from our response class
-        response_class=EventStreamResponse,
-        responses={200: {"content": {"text/event-stream": {}}, "description": "start, token…, done"}},
-    )
-    router.add_api_route(
-        "/messages/{message_id}/events",
-        message_events,
-        methods=["GET"],
-        status_code=status.HTTP_200_OK,
-        response_class=EventStreamResponse,
-        responses={200: {"content": {"text/event-stream": {}}, "description": "start, token…, done after an id"}},
-    )
+    _stream_route(router, "/message", send_message, "POST", "start, token…, done")
+    _stream_route(router, "/messages/{message_id}/events", message_events, "GET", "start, token…, done after an id")
+    _stream_route(router, "/messages/{message_id}/regenerate", regenerate, "POST", "start, token…, done")
     router.add_api_route(
         "/messages/{message_id}/stop", stop_message, methods=["POST"], status_code=status.HTTP_202_ACCEPTED
     )
-    router.add_api_route(
-        "/messages/{message_id}/regenerate",
-        regenerate,
-        methods=["POST"],
-        status_code=status.HTTP_200_OK,
-        response_class=EventStreamResponse,
-        responses={200: {"content": {"text/event-stream": {}}, "description": "start, token…, done"}},
-    )
     router.add_api_route("/messages/{message_id}/feedback", put_feedback, methods=["PUT"])
-    router.add_api_route(
-        "/messages/{message_id}/feedback",
-        delete_feedback,
-        methods=["DELETE"],
-        status_code=status.HTTP_204_NO_CONTENT,
-        response_class=Response,
-    )
-    router.add_api_route("/conversations/{conversation_id}/branch", switch_branch, methods=["POST"])
+    _no_content_route(router, "/messages/{message_id}/feedback", delete_feedback)
     router.add_api_route("/usage", usage, methods=["GET"])
     return router
