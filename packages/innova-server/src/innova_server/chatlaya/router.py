@@ -1,4 +1,4 @@
-"""HTTP routes of `/chatlaya/*`: thin, everything else is `ChatService`.
+"""HTTP routes of `/chatlaya/*`: thin; the queries are `ChatService`, the replies `Replies`.
 
 The router carries its full prefix itself (`APIRouter(prefix="/chatlaya")`):
 metrics label requests by route template, which must be the full path.
@@ -97,7 +97,7 @@ async def list_messages(
 
 
 async def send_message(body: MessageIn, user: CurrentUser, services: ServicesDep) -> EventStreamResponse:
-    turn = await services.chat.open_turn(user.id, body.content, body.conversation_id, body.edit_of)
+    turn = await services.replies.open_turn(user.id, body.content, body.conversation_id, body.edit_of)
     return EventStreamResponse(LiveStream(turn), ping_seconds=services.settings.chat_ping_seconds)
 
 
@@ -130,18 +130,18 @@ async def message_events(
     if position is not None and len(position) > MAX_EVENT_ID:
         raise _invalid(loc, f"at most {MAX_EVENT_ID} characters")
     try:
-        source = await services.chat.resume(user.id, message_id, position)
+        source = await services.replies.resume(user.id, message_id, position)
     except InvalidEventId:
         raise _invalid(loc, "this id names no position of this message") from None
     return EventStreamResponse(source, ping_seconds=services.settings.chat_ping_seconds)
 
 
 async def stop_message(message_id: MessageId, user: CurrentUser, services: ServicesDep) -> MessageEnvelope:
-    return MessageEnvelope(message=MessageOut.of(await services.chat.stop(user.id, message_id)))
+    return MessageEnvelope(message=MessageOut.of(await services.replies.stop(user.id, message_id)))
 
 
 async def regenerate(message_id: MessageId, user: CurrentUser, services: ServicesDep) -> EventStreamResponse:
-    turn = await services.chat.regenerate(user.id, message_id)
+    turn = await services.replies.regenerate(user.id, message_id)
     return EventStreamResponse(LiveStream(turn), ping_seconds=services.settings.chat_ping_seconds)
 
 
