@@ -1,4 +1,4 @@
-"""The streamed reply (DESIGN §5) over a real connection, read with httpx-sse."""
+"""The streamed reply over a real connection, read with httpx-sse."""
 
 from __future__ import annotations
 
