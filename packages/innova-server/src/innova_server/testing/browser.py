@@ -135,7 +135,8 @@ class Chromium:
             process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log)
         try:
             url = _devtools_url(process, Path(profile.name), timeout)
-            websocket = connect(url, max_size=None, open_timeout=timeout)
+            # Entered by hand (websockets >= 17 asks for a context manager); `close()` leaves it.
+            websocket = connect(url, max_size=None, open_timeout=timeout).__enter__()
         except BaseException:
             _stop(process)
             profile.cleanup()
