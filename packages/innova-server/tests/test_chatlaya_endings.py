@@ -302,11 +302,11 @@ async def a_running_turn(
     message_id = str(ObjectId())
     slot = await slots.acquire(f"chat:{user_id}", 1, message_id)
     assert slot is not None
-    user_message = await messages.open_turn(
+    user_message_id = await messages.open_turn(
         conversation_id=conversation.id, user_id=user_id, content="q", parent_id=None,
         assistant_id=ObjectId(message_id), provider="stubborn", model="m1", created_at=utcnow(), lease=TIMINGS.lease,
     )  # fmt: skip
-    context = TurnContext(user_id, conversation.id, user_message.id, message_id, "stubborn", "m1", slot)
+    context = TurnContext(user_id, conversation.id, user_message_id, message_id, "stubborn", "m1", slot)
     provider = StubbornProvider(cleanup=3)
     turn = Turn(context, provider, ChatRequest([ChatMessage("user", "q")], "m1"), messages, slots, TIMINGS)
     registry.start(turn)

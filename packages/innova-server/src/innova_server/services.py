@@ -14,6 +14,7 @@ from innova_server.chatlaya.messages import MessageStore
 from innova_server.chatlaya.service import ChatService
 from innova_server.chatlaya.store import ConversationStore, StreamSlots
 from innova_server.chatlaya.turns import TurnRegistry
+from innova_server.chatlaya.usage import UsageStore
 from innova_server.db import Database
 from innova_server.mail import Mailer
 from innova_server.plugins import PluginRegistry, ProviderEntry
@@ -69,6 +70,8 @@ def build_services(settings: Settings, plugins: PluginRegistry, mongo_uri: str) 
         StreamSlots(db, lease=settings.chat_lease),
         limiter,
         turns,
+        UsageStore(db),
+        tasks,
         provider_name=provider_entry.name,
         model=model,
         provider=provider,

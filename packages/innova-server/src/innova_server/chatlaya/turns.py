@@ -42,6 +42,7 @@ from innova_server.auth.store import utcnow
 from innova_server.chat import ChatChunk, ChatProvider, ChatRequest, ProviderError, ProviderUnavailable, Usage
 from innova_server.chatlaya.messages import MessageStatus, MessageStore
 from innova_server.chatlaya.store import Slot, StreamSlots
+from innova_server.chatlaya.usage import UsageStore, estimate_tokens
 from innova_server.errors import ErrorCode
 
 log = logging.getLogger("innova.chatlaya")
@@ -78,6 +79,8 @@ class TurnContext:
     provider: str
     model: str
     slot: Slot
+    # False for a regeneration: the user message existed before, and a refused turn must not delete it.
+    new_user_message: bool = True
 
     def start_payload(self) -> dict[str, str]:
         return {
@@ -117,8 +120,10 @@ class Turn:
         messages: MessageStore,
         slots: StreamSlots,
         timings: TurnTimings,
+        usage: UsageStore | None = None,
     ) -> None:
         self.context = context
+        self._usage_store = usage
         self._provider = provider
         self._request = request
         self._messages = messages
@@ -272,10 +277,7 @@ class Turn:
             else:
                 stored = await self._record(ending)
         finally:
-            try:
-                await self._slots.release(self.context.slot)
-            except Exception as error:  # the lease frees it in the end
-                log.warning("could not release the stream slot of %s: %s", self.message_id, type(error).__name__)
+            await asyncio.gather(self._release_slot(), self._count_usage())
         if not stored:
             # Said but not saved: the client must not believe the reply is in
             # the history. A provider failure, when there was one, stays the
@@ -285,6 +287,26 @@ class Turn:
         metrics.CHAT_STREAMS.labels(self.context.provider, ending.status).inc()
         metrics.CHAT_TURN_ENDINGS.labels(self.context.provider, ending.finish_reason).inc()
         self._notify()
+
+    async def _release_slot(self) -> None:
+        try:
+            await self._slots.release(self.context.slot)
+        except Exception as error:  # the lease frees it in the end
+            log.warning("could not release the stream slot of %s: %s", self.message_id, type(error).__name__)
+
+    async def _count_usage(self) -> None:
+        """Today's usage of the user: the provider's token counts, else characters / 4."""
+        if self._usage_store is None:
+            return
+        if self._usage is not None:
+            prompt, completion = self._usage.prompt_tokens, self._usage.completion_tokens
+        else:
+            prompt = estimate_tokens(sum(len(message.content) for message in self._request.messages))
+            completion = estimate_tokens(self.length)
+        try:
+            await self._usage_store.add(self.context.user_id, prompt_tokens=prompt, completion_tokens=completion)
+        except Exception as error:  # usage is bookkeeping: never the reason a reply fails
+            log.warning("could not count the usage of %s: %s", self.message_id, type(error).__name__)
 
     def _decide(self) -> Ending:
         usage = self._usage_dict()
@@ -399,7 +421,10 @@ class Turn:
         context = self.context
         try:
             await self._halt_provider()
-            await self._messages.delete_turn(context.user_message_id, context.message_id)
+            created = [context.message_id]
+            if context.new_user_message:
+                created.append(context.user_message_id)
+            await self._messages.delete_turn(*created)
         except Exception:  # the request fails anyway; say so in the log, free the slot
             log.exception("could not delete the messages of a refused turn")
         finally:
