@@ -33,6 +33,7 @@ from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+import httpx
 import pytest
 
 from innova_server.embedded import free_port
@@ -271,11 +272,19 @@ def last_reply(page: Page) -> dict[str, Any]:
 
 def wait_idle(page: Page, timeout: float = 20) -> dict[str, Any]:
     """Wait until no reply streams and the last one is stored; that reply."""
-    page.wait_for(
-        "document.documentElement.dataset.streaming === 'no' && "
-        "[...document.querySelectorAll('#messages li.assistant')].pop()?.dataset.status !== 'streaming'",
-        timeout=timeout,
-    )
+    try:
+        page.wait_for(
+            "document.documentElement.dataset.streaming === 'no' && "
+            "[...document.querySelectorAll('#messages li.assistant')].pop()?.dataset.status !== 'streaming'",
+            timeout=timeout,
+        )
+    except TimeoutError as error:
+        shown = page.evaluate(
+            "({status: document.getElementById('status').textContent, streaming: document.documentElement.dataset"
+            ".streaming, messages: [...document.querySelectorAll('#messages li')].map(li => li.className + ' ' +"
+            " li.dataset.status + ' ' + li.textContent.slice(0, 60))})"
+        )
+        raise AssertionError(f"the page never settled: {shown}") from error
     return last_reply(page)
 
 
@@ -335,8 +344,8 @@ def test_the_playground_is_a_working_chat(api, page):
 
 def has_tree(api) -> bool:
     """Whether this server has the conversation tree (`sibling_ids` on messages)."""
-    routes = {getattr(route, "path", "") for route in api.live.app.routes}
-    return "/chatlaya/messages/{message_id}/regenerate" in routes
+    answer = httpx.post(f"{api.url}/chatlaya/messages/{'0' * 24}/regenerate")
+    return answer.status_code == 401  # the route exists (and wants a session); else 404 `not_found`
 
 
 def exercise_tree(page: Page) -> None:
