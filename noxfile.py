@@ -46,10 +46,16 @@ PINS = ["-c", "deploy/constraints.txt"]
 # Tests also run Debian tools: command -> package. nginx and visudo for
 # deploy/tests; chromium for the browser tests (packages/innova-server/tests/test_browser.py).
 SYSTEM_TOOLS = {"nginx": "nginx", "visudo": "sudo", "chromium": "chromium"}
+# Other commands that do the job as well (GitHub's Ubuntu runners ship Google
+# Chrome, and Ubuntu's `chromium` package is a snap the tests cannot drive).
+ALTERNATIVES = {"chromium": ("google-chrome", "google-chrome-stable")}
 
 
 def _have(tool: str) -> bool:
-    return bool(shutil.which(tool) or shutil.which(tool, path="/usr/sbin:/sbin"))
+    return any(
+        shutil.which(command) or shutil.which(command, path="/usr/sbin:/sbin")
+        for command in (tool, *ALTERNATIVES.get(tool, ()))
+    )
 
 
 def ensure_system_tools(session: nox.Session) -> None:

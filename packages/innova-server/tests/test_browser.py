@@ -383,3 +383,11 @@ def exercise_tree(page: Page) -> None:
     edited = wait_idle(page)
     assert edited["text"] == "Autre question"
     assert page.evaluate("[...document.querySelectorAll('#messages li.user')].pop().textContent.includes('2 / 2')")
+    # Search by title (the feature was detected: the box is shown).
+    page.wait_for("!document.getElementById('search').hidden")
+    for query, count in (("bonjour", 1), ("pas-un-titre", 0)):
+        page.evaluate(
+            f"(() => {{ const box = document.getElementById('search'); box.value = {js(query)};"
+            " box.dispatchEvent(new Event('input')); })()"
+        )
+        page.wait_for(f"document.querySelectorAll('#conversations li').length === {count}")

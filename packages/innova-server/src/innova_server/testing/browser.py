@@ -33,11 +33,29 @@ CANDIDATES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-st
 
 
 def find_chromium() -> str | None:
-    """The Chromium executable: `$CHROMIUM` if set, else the first candidate on PATH."""
+    """The Chromium executable: `$CHROMIUM` if set, else the first candidate on PATH.
+
+    Snap-packaged browsers (Ubuntu's `chromium`) are passed over: their
+    confinement hides the temporary profile directory from them.
+    """
     explicit = os.environ.get("CHROMIUM")
     if explicit:
         return explicit
-    return next((path for name in CANDIDATES if (path := shutil.which(name))), None)
+    for name in CANDIDATES:
+        path = shutil.which(name)
+        if path and not os.path.realpath(path).startswith("/snap/") and not _snap_wrapper(path):
+            return path
+    return None
+
+
+def _snap_wrapper(path: str) -> bool:
+    """Ubuntu's /usr/bin/chromium-browser is a script that execs the snap."""
+    try:
+        with open(path, "rb") as file:
+            head = file.read(4096)
+    except OSError:
+        return False
+    return head.startswith(b"#!") and b"/snap/" in head
 
 
 class BrowserError(Exception):
