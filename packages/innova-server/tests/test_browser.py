@@ -18,7 +18,9 @@ the same *site* (a site is scheme + host; the port does not count), so the
 page on `localhost:<port>` calling `127.0.0.1` is cross-site: its fetches are
 allowed by CORS, but the `SameSite=Lax` cookie is neither stored nor sent, so
 it stays signed out. That is why the front end must be same-site with the API
-(`innovaplus.africa` and `api.innovaplus.africa` are).
+(`innovaplus.africa` and `api.innovaplus.africa` are). And loopback is a
+secure context for Chromium: a `Secure` cookie set over plain
+`http://127.0.0.1` is kept and sent.
 
 Skipped only when no Chromium can be found (`python3 dev.py -s tests` installs
 Debian's `chromium` when it runs as root or with password-less sudo).
@@ -249,6 +251,21 @@ def test_a_cross_site_page_is_allowed_by_cors_but_gets_no_lax_cookie(api, front_
     registered = page.evaluate(f"call('POST', '/auth/register', {{email: {js(email)}, password: {js(PASSWORD)}}})")
     assert registered["status"] == 201
     assert page.evaluate("call('GET', '/auth/me')")["status"] == 401
+
+
+def test_chromium_keeps_a_secure_cookie_over_plain_http_on_loopback(start_server, page):
+    # Loopback counts as a secure context for Chromium: with COOKIE_SECURE=true the session still
+    # works on http://127.0.0.1 (the tests use COOKIE_SECURE=false all the same, for other clients).
+    server = start_server(playground=True, cookie_secure=True)
+    page.goto(f"{server.url}/playground", ready="document.documentElement.dataset.ready === 'yes'")
+    body = js({"email": f"secure-{uuid.uuid4().hex[:8]}@example.com", "password": PASSWORD})
+    registered = page.evaluate(
+        "fetch('/auth/register', {method: 'POST', headers: {'Content-Type': 'application/json'},"
+        f" body: {js(body)}}}).then(r => r.status)"
+    )
+    assert registered == 201
+    assert page.evaluate("fetch('/auth/me').then(r => r.status)") == 200
+    assert next(c for c in page.browser.cookies() if c["name"] == "innova_session")["secure"]
 
 
 # -- the playground, same origin ---------------------------------------------------------
