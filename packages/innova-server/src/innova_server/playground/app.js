@@ -157,14 +157,17 @@ async function streamInto(response, known = "") {
   } catch (error) {
     say(`Connection lost: ${error.message}. Reload the page to resume.`, true);
   } finally {
-    setStreaming(false);
     state.turn = null;
   }
-  if (finished) {
-    localStorage.removeItem(RESUME_KEY);
-    await loadMessages();
-  } else if (turn.messageId) {
-    say("The connection was cut before the end: reload the page to resume.", true);
+  try {
+    if (finished) {
+      localStorage.removeItem(RESUME_KEY);
+      await loadMessages();  // the stored reply: its final status, siblings, buttons
+    } else if (turn.messageId) {
+      say("The connection was cut before the end: reload the page to resume.", true);
+    }
+  } finally {
+    setStreaming(false);  // only now: "not streaming" means the page shows the stored reply
   }
   return finished;
 }
