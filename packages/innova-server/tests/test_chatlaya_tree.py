@@ -22,7 +22,7 @@ from httpx_sse import connect_sse
 from innova_server.chat import ChatChunk, ChatRequest, ProviderUnavailable, Usage
 from innova_server.chatlaya.titles import TITLE_PROMPT, clean_title
 from innova_server.testing import registered
-from innova_server.testing.chat_client import Stream, chat, signed_in
+from innova_server.testing.chat_client import Stream, chat, regenerate, signed_in
 from innova_server.testing.providers import ProviderPlugin, ScriptedProvider
 from innova_server.testing.server import wait_for
 
@@ -30,24 +30,7 @@ from innova_server.testing.server import wait_for
 def send(
     client: httpx.Client, content: str, conversation_id: str | None = None, edit_of: str | None = None
 ) -> Stream:
-    body: dict[str, Any] = {"content": content}
-    if conversation_id:
-        body["conversation_id"] = conversation_id
-    if edit_of:
-        body["edit_of"] = edit_of
-    with connect_sse(client, "POST", "/chatlaya/message", json=body) as source:
-        if source.response.status_code != 200:
-            source.response.read()
-            return Stream(source.response.status_code, source.response.headers, body=source.response.json())
-        return Stream(200, source.response.headers).read(source)
-
-
-def regenerate(client: httpx.Client, message_id: str) -> Stream:
-    with connect_sse(client, "POST", f"/chatlaya/messages/{message_id}/regenerate") as source:
-        if source.response.status_code != 200:
-            source.response.read()
-            return Stream(source.response.status_code, source.response.headers, body=source.response.json())
-        return Stream(200, source.response.headers).read(source)
+    return chat(client, content, conversation_id, edit_of=edit_of)
 
 
 def branch(client: httpx.Client, conversation_id: str, limit: int = 100) -> list[dict[str, Any]]:

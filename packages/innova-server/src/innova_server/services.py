@@ -11,6 +11,7 @@ from innova_server.auth.store import SessionStore, UserStore
 from innova_server.background import BackgroundTasks
 from innova_server.chat import ChatProvider
 from innova_server.chatlaya.messages import MessageStore
+from innova_server.chatlaya.replies import Replies
 from innova_server.chatlaya.service import ChatService
 from innova_server.chatlaya.store import ConversationStore, StreamSlots
 from innova_server.chatlaya.turns import TurnRegistry
@@ -37,6 +38,7 @@ class Services:
     tasks: BackgroundTasks
     turns: TurnRegistry
     chat: ChatService
+    replies: Replies
 
     async def aclose(self) -> None:
         try:
@@ -63,14 +65,18 @@ def build_services(settings: Settings, plugins: PluginRegistry, mongo_uri: str) 
     tasks = BackgroundTasks()
     recovery = RecoveryManager(settings, db, users, sessions, passwords, limiter, mailer, tasks)
     turns = TurnRegistry()
+    conversations, messages, usage = ConversationStore(db), MessageStore(db), UsageStore(db)
     chat = ChatService(
+        settings, conversations, messages, limiter, usage, on_conversation_deleted=turns.stop_conversation
+    )
+    replies = Replies(
         settings,
-        ConversationStore(db),
-        MessageStore(db),
+        conversations,
+        messages,
         StreamSlots(db, lease=settings.chat_lease),
         limiter,
         turns,
-        UsageStore(db),
+        usage,
         tasks,
         provider_name=provider_entry.name,
         model=model,
@@ -90,4 +96,5 @@ def build_services(settings: Settings, plugins: PluginRegistry, mongo_uri: str) 
         tasks=tasks,
         turns=turns,
         chat=chat,
+        replies=replies,
     )

@@ -114,6 +114,7 @@ class MessageStore:
         content: str | None,
         parent_id: str | None,
         assistant_id: ObjectId,
+        user_message_id: str | None = None,
         provider: str,
         model: str,
         created_at: datetime,
@@ -131,7 +132,7 @@ class MessageStore:
         reply_parent = object_id(parent_id) if parent_id else None
         if content is not None:
             user_doc: Document = {
-                "_id": ObjectId(),
+                "_id": ObjectId(user_message_id) if user_message_id else ObjectId(),
                 "conversation_id": ObjectId(conversation_id),
                 "user_id": ObjectId(user_id),
                 "parent_id": reply_parent,

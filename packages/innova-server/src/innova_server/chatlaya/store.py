@@ -163,6 +163,23 @@ class ConversationStore:
         result = await self.collection.update_one({"_id": oid}, {"$set": changes})
         return result.matched_count == 1
 
+    async def restore(self, conversation: ConversationRecord, branch: list[str], *, replaced: list[str]) -> None:
+        """Put back branch, `updated_at` and title as `conversation` had them, unless the branch moved
+        on since `replaced` was written (another turn, a switch): then the newer state stays."""
+        changes: dict[str, Any] = {
+            "branch": [ObjectId(m) for m in branch],
+            "updated_at": conversation.updated_at,
+            "title": conversation.title,
+        }
+        update: dict[str, Any] = {"$set": changes}
+        if conversation.title is None:
+            update["$unset"] = {"title_search": ""}
+        else:
+            changes["title_search"] = conversation.title.casefold()
+        await self.collection.update_one(
+            {"_id": ObjectId(conversation.id), "branch": [ObjectId(m) for m in replaced]}, update
+        )
+
     async def set_branch(self, user_id: str, conversation_id: str, branch: list[str]) -> ConversationRecord | None:
         """Make `branch` current (any valid path: see `chatlaya.tree`); `updated_at` stays."""
         doc = await self.collection.find_one_and_update(

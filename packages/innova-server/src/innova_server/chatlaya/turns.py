@@ -465,8 +465,11 @@ class TurnRegistry:
     def get(self, message_id: str) -> Turn | None:
         return self._turns.get(message_id)
 
-    def turns_of(self, conversation_id: str) -> list[Turn]:
-        return [turn for turn in self._turns.values() if turn.context.conversation_id == conversation_id]
+    def stop_conversation(self, conversation_id: str) -> None:
+        """Its conversation was deleted: end its replies here at once (elsewhere, their checkpoints do)."""
+        for turn in list(self._turns.values()):
+            if turn.context.conversation_id == conversation_id:
+                turn.stop("gone")
 
     def start(self, turn: Turn) -> None:
         self._turns[turn.message_id] = turn
