@@ -318,7 +318,7 @@ async def a_running_turn(
 
 async def test_a_stop_ends_the_reply_without_waiting_for_a_slow_provider(stores, db):
     conversations, messages, slots = stores
-    registry = TurnRegistry()
+    registry = TurnRegistry(messages, slots, TIMINGS)
     turn, provider = await a_running_turn(conversations, messages, slots, registry)
     stream = LiveStream(turn)
     stream.first_events()
@@ -340,7 +340,7 @@ async def test_shutdown_ends_running_replies_before_the_database_closes(mongo_ur
     database = Database(mongo_uri, db_name)
     conversations, messages = ConversationStore(database), MessageStore(database)
     slots = StreamSlots(database, lease=timedelta(minutes=5))
-    registry = TurnRegistry()
+    registry = TurnRegistry(messages, slots, TIMINGS)
     turn, _ = await a_running_turn(conversations, messages, slots, registry)
 
     await registry.aclose()

@@ -1,4 +1,4 @@
-"""The streamed reply (DESIGN §5) over a real connection, read with httpx-sse."""
+"""The streamed reply over a real connection, read with httpx-sse."""
 
 from __future__ import annotations
 
@@ -103,7 +103,10 @@ def test_database_round_trips_per_turn_do_not_grow_with_the_reply(server):
 
         short = per_turn("un deux trois")
         long = per_turn("mot " * 2000)
-    assert short == long
+    # 2000 tokens cost no more than 3: at most a checkpoint (one `update` and one `find`
+    # for all the replies of the process) if a turn happened to span its interval.
+    assert set(short) == set(long)
+    assert all(long[name] - short[name] <= (1 if name in ("update", "find") else 0) for name in short)
     # Both messages in one insert; the assistant message finished with one update.
     assert short["insert"] == 1
     # The session lookup, rate limit, conversation, slot, history, insert, touch, finish; then

@@ -14,7 +14,7 @@ from innova_server.chatlaya.messages import MessageStore
 from innova_server.chatlaya.replies import Replies
 from innova_server.chatlaya.service import ChatService
 from innova_server.chatlaya.store import ConversationStore, StreamSlots
-from innova_server.chatlaya.turns import TurnRegistry
+from innova_server.chatlaya.turns import TurnRegistry, TurnTimings
 from innova_server.chatlaya.usage import UsageStore
 from innova_server.db import Database
 from innova_server.mail import Mailer
@@ -64,8 +64,9 @@ def build_services(settings: Settings, plugins: PluginRegistry, mongo_uri: str) 
     auth = AuthManager(settings, users, sessions, passwords, limiter)
     tasks = BackgroundTasks()
     recovery = RecoveryManager(settings, db, users, sessions, passwords, limiter, mailer, tasks)
-    turns = TurnRegistry()
     conversations, messages, usage = ConversationStore(db), MessageStore(db), UsageStore(db)
+    slots = StreamSlots(db, lease=settings.chat_lease)
+    turns = TurnRegistry(messages, slots, TurnTimings.from_settings(settings))
     chat = ChatService(
         settings, conversations, messages, limiter, usage, on_conversation_deleted=turns.stop_conversation
     )
@@ -73,7 +74,7 @@ def build_services(settings: Settings, plugins: PluginRegistry, mongo_uri: str) 
         settings,
         conversations,
         messages,
-        StreamSlots(db, lease=settings.chat_lease),
+        slots,
         limiter,
         turns,
         usage,

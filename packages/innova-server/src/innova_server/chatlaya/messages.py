@@ -6,10 +6,10 @@ generating (docs/architecture.md, "A turn"):
 
 - inserted with the user message when the stream opens: `status: "streaming"`,
   `content: ""`, a lease (`lease_expires_at`);
-- checkpointed while it grows: the text so far and a renewed lease, in one
-  `find_one_and_update` that also returns the stop flag and the last time a
-  follower on another process looked (`watched_at`), so the generating worker
-  learns both without an extra round trip;
+- checkpointed while it grows: the text so far and a renewed lease, written
+  for all the replies of a process at once, beside one read of their stop
+  flags and of the last time a follower on another process looked
+  (`watched_at`);
 - finished once: status, finish_reason, usage, error — conditioned on
   `status: "streaming"`, so a message declared dead in the meantime (its lease
   expired) or deleted with its conversation is never resurrected.
@@ -21,6 +21,7 @@ and `interrupt` makes that permanent.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Literal
@@ -167,20 +168,28 @@ class MessageStore:
         await self.collection.insert_many(docs, ordered=True)
         return str(reply_parent)
 
-    async def checkpoint(self, message_id: str, *, content: str | None, until: datetime) -> Checkpoint | None:
-        """Renew the lease to `until` (and store `content` when given); None when no longer streaming."""
-        changes: dict[str, Any] = {"lease_expires_at": until}
-        if content is not None:
-            changes["content"] = content
-        doc = await self.collection.find_one_and_update(
-            {"_id": ObjectId(message_id), "status": "streaming"},
-            {"$set": changes},
-            projection={"stop_requested": 1, "watched_at": 1},
-            return_document=ReturnDocument.AFTER,
+    async def checkpoint_many(self, contents: dict[str, str | None], *, until: datetime) -> dict[str, Checkpoint]:
+        """Renew the lease of every reply of `contents` to `until`, storing its text when given;
+        what each still `streaming` one brings back (absent: no longer streaming).
+
+        Two round trips together, whatever the number of replies: a `bulk_write`
+        of the updates, and a `find` of the flags.
+        """
+        ids = [ObjectId(message_id) for message_id in contents]
+        updates = [
+            UpdateOne(
+                {"_id": ObjectId(message_id), "status": "streaming"},
+                {"$set": {"lease_expires_at": until, **({"content": content} if content is not None else {})}},
+            )
+            for message_id, content in contents.items()
+        ]
+        _, docs = await asyncio.gather(
+            self.collection.bulk_write(updates, ordered=False),
+            self.collection.find(
+                {"_id": {"$in": ids}, "status": "streaming"}, projection={"stop_requested": 1, "watched_at": 1}
+            ).to_list(),
         )
-        if doc is None:
-            return None
-        return Checkpoint(bool(doc.get("stop_requested")), doc.get("watched_at"))
+        return {str(doc["_id"]): Checkpoint(bool(doc.get("stop_requested")), doc.get("watched_at")) for doc in docs}
 
     async def finish(
         self,

@@ -101,11 +101,7 @@ class Replies:
         self.provider_name = provider_name
         self.model = model
         self.provider = provider
-        self.timings = TurnTimings(
-            checkpoint_seconds=settings.chat_checkpoint_ms / 1000,
-            lease=settings.chat_lease,
-            detached_timeout_seconds=settings.chat_detached_timeout_seconds,
-        )
+        self.timings = TurnTimings.from_settings(settings)
         self.titles = (
             TitleWriter(
                 provider,

@@ -19,7 +19,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from bson import ObjectId
-from pymongo import DESCENDING, ReturnDocument
+from pymongo import DESCENDING, ReturnDocument, UpdateOne
 
 from innova_server.auth.store import object_id, utcnow
 from innova_server.db import Database, Document, write_then_confirm
@@ -347,6 +347,21 @@ class StreamSlots:
         await self.collection.update_one(
             {"_id": slot.key, "holders.id": slot.id},
             {"$set": {"holders.$.expires_at": expires_at}, "$max": {"expires_at": expires_at}},
+        )
+
+    async def renew_many(self, slots: list[Slot], until: datetime) -> None:
+        """`renew` for many slots in one round trip."""
+        if not slots:
+            return
+        await self.collection.bulk_write(
+            [
+                UpdateOne(
+                    {"_id": slot.key, "holders.id": slot.id},
+                    {"$set": {"holders.$.expires_at": until}, "$max": {"expires_at": until}},
+                )
+                for slot in slots
+            ],
+            ordered=False,
         )
 
     async def release(self, slot: Slot) -> None:
