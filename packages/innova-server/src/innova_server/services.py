@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from innova_server.auth.account import AccountManager
+from innova_server.auth.erasure import AccountEraser
 from innova_server.auth.manager import AuthManager
 from innova_server.auth.passwords import Passwords
 from innova_server.auth.recovery import RecoveryManager
-from innova_server.auth.store import SessionStore, UserStore
+from innova_server.auth.store import SessionStore, UserStore, VerifyTokenStore
+from innova_server.auth.verification import VerificationManager
 from innova_server.background import BackgroundTasks
 from innova_server.chat import ChatProvider
 from innova_server.chatlaya.service import SLOT_LEASE, ChatService, drain_finalisers
@@ -33,6 +36,8 @@ class Services:
     recovery: RecoveryManager
     tasks: BackgroundTasks
     chat: ChatService
+    account: AccountManager
+    verification: VerificationManager
 
     async def aclose(self) -> None:
         try:
@@ -55,9 +60,12 @@ def build_services(settings: Settings, plugins: PluginRegistry, mongo_uri: str) 
         parallelism=settings.argon2_parallelism,
     )
     users, sessions = UserStore(db), SessionStore(db)
-    auth = AuthManager(settings, users, sessions, passwords, limiter)
+    eraser = AccountEraser(db)
+    auth = AuthManager(settings, users, sessions, passwords, limiter, eraser)
     tasks = BackgroundTasks()
     recovery = RecoveryManager(settings, db, users, sessions, passwords, limiter, mailer, tasks)
+    account = AccountManager(settings, db, users, sessions, auth, recovery, eraser, limiter, tasks)
+    verification = VerificationManager(settings, users, VerifyTokenStore(db), limiter, recovery, tasks)
     chat = ChatService(
         settings,
         ConversationStore(db),
@@ -81,4 +89,6 @@ def build_services(settings: Settings, plugins: PluginRegistry, mongo_uri: str) 
         recovery=recovery,
         tasks=tasks,
         chat=chat,
+        account=account,
+        verification=verification,
     )
