@@ -67,6 +67,10 @@ USER_COLLECTIONS = (
 USER_LIMIT_KINDS = ("chat", "export:user", "verify:user")
 
 
+# The order of steps 2 and 3 (see the module's docstring).
+STEP_ORDER = (*USER_COLLECTIONS[:4], "stream_slots", "rate_limits", *USER_COLLECTIONS[4:], "users")
+
+
 def stream_slot_id(user_id: str) -> str:
     """The chat service's per-user stream slot document."""
     return f"chat:{user_id}"
@@ -107,21 +111,20 @@ class AccountEraser:
         return Marked(UserRecord.from_doc(doc), first=doc.get("deletion_claim") == claim)
 
     def steps(self, user_id: str) -> list[Step]:
-        """Steps 2 and 3, in order; each can run again safely."""
-        key = user_id
-        limit_keys = [limit_key(kind, key) for kind in USER_LIMIT_KINDS]
+        """Steps 2 and 3, in the order of `STEP_ORDER`; each can run again safely."""
+        limit_keys = [limit_key(kind, user_id) for kind in USER_LIMIT_KINDS]
         db = self.db.db
+        special: dict[str, Callable[[ObjectId], Awaitable[object]]] = {
+            "stream_slots": lambda oid: db["stream_slots"].delete_many({"_id": stream_slot_id(user_id)}),
+            "rate_limits": lambda oid: db["rate_limits"].delete_many({"key": {"$in": limit_keys}}),
+            # Last, and only if still marked: an unmarked account is never deleted here.
+            "users": lambda oid: db["users"].delete_one({"_id": oid, "deleting_at": {"$ne": None}}),
+        }
 
-        def delete_owned(collection: str) -> Step:
-            return collection, lambda oid: db[collection].delete_many({"user_id": oid})
+        def owned_by(collection: str) -> Callable[[ObjectId], Awaitable[object]]:
+            return lambda oid: db[collection].delete_many({"user_id": oid})
 
-        steps: list[Step] = [delete_owned(name) for name in USER_COLLECTIONS[:4]]
-        steps.append(("stream_slots", lambda oid: self.db.stream_slots.delete_many({"_id": stream_slot_id(key)})))
-        steps.append(("rate_limits", lambda oid: self.db.rate_limits.delete_many({"key": {"$in": limit_keys}})))
-        steps.extend(delete_owned(name) for name in USER_COLLECTIONS[4:])
-        # Last, and only if still marked: an unmarked account is never deleted here.
-        steps.append(("users", lambda oid: self.db.users.delete_one({"_id": oid, "deleting_at": {"$ne": None}})))
-        return steps
+        return [(name, special.get(name) or owned_by(name)) for name in STEP_ORDER]
 
     async def finish(self, user_id: str) -> bool:
         """Run steps 2 and 3 for a marked account; False (and nothing deleted) if it is not marked.
