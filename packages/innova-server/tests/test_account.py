@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import re
 from datetime import UTC, datetime, timedelta
 from http.cookies import SimpleCookie
 
@@ -33,6 +34,12 @@ def me_status(server, cookie: str) -> int:
 
 def login(server, email: str, password: str) -> httpx.Response:
     return httpx.post(f"{server.url}/auth/login", json={"email": email, "password": password})
+
+
+def account_events(server, event: str) -> float:
+    text = httpx.get(f"{server.url}/metrics").text
+    match = re.search(rf'^innova_account_events_total\{{event="{event}"\}} (\S+)$', text, re.MULTILINE)
+    return float(match.group(1)) if match else 0.0
 
 
 def change(client: httpx.Client, current: str = PASSWORD, new: str = NEW_PASSWORD) -> httpx.Response:
@@ -65,6 +72,7 @@ def test_password_change_ends_every_other_session_and_rotates_the_caller(server,
         assert other.status_code == 200
         other_cookie = other.cookies["innova_session"]
         old_cookie = cookie_of(client)
+        changes = account_events(server, "password_changed")
 
         response = change(client)
         assert response.status_code == 200, response.text
@@ -72,6 +80,7 @@ def test_password_change_ends_every_other_session_and_rotates_the_caller(server,
         new_cookie = SimpleCookie(response.headers["set-cookie"])["innova_session"].value
         assert new_cookie != old_cookie and cookie_of(client) == new_cookie
 
+        assert account_events(server, "password_changed") == changes + 1
         assert client.get("/auth/me").status_code == 200  # the caller continues
         assert me_status(server, old_cookie) == 401  # its old cookie does not
         assert me_status(server, other_cookie) == 401  # nor does any other session

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 
 from pymongo.errors import PyMongoError
 
+from innova_server import metrics
 from innova_server.auth.erasure import AccountEraser
 from innova_server.auth.export import export_chunks
 from innova_server.auth.manager import AuthManager, ClientInfo, NewSession
@@ -98,6 +99,7 @@ class AccountManager:
         # Every session of an older epoch, the caller's old one included.
         revoked = await self.sessions.delete_all(user.id, except_epoch=epoch)
         await self.recovery.void_links(user.id)
+        metrics.ACCOUNT_EVENTS.labels("password_changed").inc()
         log.info("password changed user_id=%s sessions_revoked=%d", user.id, revoked)
         notice = password_changed_mail(
             self.settings, to=user.email, name=user.mail_name, now=utcnow(), kept_current=True
@@ -115,11 +117,13 @@ class AccountManager:
         if token_hash is None:  # unknown, or another user's: the same 404
             raise AppError(ErrorCode.SESSION_NOT_FOUND)
         current = is_well_formed(current_token) and hash_token(current_token or "") == token_hash
+        metrics.ACCOUNT_EVENTS.labels("sessions_revoked").inc()
         log.info("session revoked user_id=%s current=%s", user.id, current)
         return RevokedSession(was_current=current)
 
     async def revoke_all(self, user: UserRecord) -> None:
         revoked = await self.sessions.delete_all(user.id)
+        metrics.ACCOUNT_EVENTS.labels("sessions_revoked").inc()
         log.info("all sessions revoked user_id=%s count=%d", user.id, revoked)
 
     # -- deletion --------------------------------------------------------
@@ -136,11 +140,13 @@ class AccountManager:
         if marked is None:  # erased meanwhile by a concurrent request
             return
         if marked.first:
+            metrics.ACCOUNT_EVENTS.labels("deletion_started").inc()
             notice = account_deleted_mail(self.settings, to=user.email, name=user.mail_name, now=utcnow())
             self.tasks.spawn("account_deleted_mail", self.recovery.deliver("account_deleted", notice, user_id=user.id))
         try:
             await self.delete_account(user.id)
         except PyMongoError as exc:
+            metrics.ACCOUNT_EVENTS.labels("erasure_interrupted").inc()
             log.warning("account deletion interrupted user_id=%s (%s); finishing in the background",
                         user.id, type(exc).__name__)
             self.tasks.spawn("account_erasure", self._finish_later(user.id))
@@ -170,5 +176,6 @@ class AccountManager:
         await self.limiter.consume(
             "export_user", limit_key("export:user", user.id), self.settings.rate_limit_export_user
         )
+        metrics.ACCOUNT_EVENTS.labels("export").inc()
         log.info("data export user_id=%s", user.id)
         return export_chunks(self.db, user)

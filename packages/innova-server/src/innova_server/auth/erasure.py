@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from bson import ObjectId
 from pymongo import ReturnDocument
 
+from innova_server import metrics
 from innova_server.auth.store import UserRecord, utcnow
 from innova_server.db import Database, Document
 from innova_server.ratelimit import limit_key
@@ -138,6 +139,7 @@ class AccountEraser:
             return False
         for _name, run in self.steps(user_id):
             await run(oid)
+        metrics.ACCOUNT_EVENTS.labels("account_erased").inc()
         log.info("account erased user_id=%s", user_id)
         return True
 

@@ -144,6 +144,7 @@ class AuthManager:
         checked = await self.passwords.verify(user.password_hash, password)
         if not checked.ok:
             metrics.LOGIN_FAILURES.inc()
+            metrics.ACCOUNT_EVENTS.labels("wrong_password").inc()
             log.info("wrong current password user_id=%s", user.id)
             raise AppError(ErrorCode.WRONG_PASSWORD)
         await self.limiter.refund(by_email, by_ip)

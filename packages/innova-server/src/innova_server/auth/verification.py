@@ -19,6 +19,7 @@ import logging
 from datetime import timedelta
 from typing import NoReturn
 
+from innova_server import metrics
 from innova_server.auth.recovery import RecoveryManager
 from innova_server.auth.store import UserRecord, UserStore, VerifyTokenStore
 from innova_server.auth.tokens import hash_token, is_well_formed, new_token
@@ -69,6 +70,8 @@ class VerificationManager:
         await self.limiter.consume(
             "verify_user", limit_key("verify:user", user.id), self.settings.rate_limit_verify_user
         )
+        if not user.email_verified:
+            metrics.ACCOUNT_EVENTS.labels("verify_mail_requested").inc()
         self.schedule(user)
 
     async def verify(self, token: str) -> UserRecord:
@@ -83,9 +86,11 @@ class VerificationManager:
         if user is None:  # account deleted (or being deleted) since
             self._invalid()
         await self.tokens.void_all(user_id)
+        metrics.ACCOUNT_EVENTS.labels("email_verified").inc()
         log.info("email verified user_id=%s", user_id)
         return user
 
     @staticmethod
     def _invalid() -> NoReturn:
+        metrics.ACCOUNT_EVENTS.labels("verify_invalid_token").inc()
         raise AppError(ErrorCode.INVALID_TOKEN)
