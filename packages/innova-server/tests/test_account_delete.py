@@ -24,7 +24,13 @@ from httpx_sse import connect_sse
 from pymongo.errors import AutoReconnect
 
 from innova_server.auth import account as account_module
-from innova_server.auth.erasure import STEP_ORDER, USER_COLLECTIONS, AccountEraser, stream_slot_id
+from innova_server.auth.erasure import (
+    STEP_ORDER,
+    USER_COLLECTIONS,
+    USER_LIMIT_KINDS,
+    AccountEraser,
+    stream_slot_id,
+)
 from innova_server.auth.tokens import hash_token, new_token
 from innova_server.db import Database
 from innova_server.ratelimit import limit_key
@@ -60,7 +66,8 @@ def seed(server, db, email: str) -> Seeded:
     )
     # Collections other features keep per user (device cookies, daily usage).
     db.devices.insert_one({"user_id": user_id, "token_hash": hash_token(new_token()), "created_at": now})
-    db.usage.insert_one({"user_id": user_id, "day": now.date().isoformat(), "prompt_tokens": 3})
+    day = now.date().isoformat()
+    db.usage_daily.insert_one({"_id": f"{user_id}:{day}", "user_id": user_id, "day": day, "prompt_tokens": 3})
     db.rate_limits.insert_one(
         {"key": limit_key("export:user", str(user_id)), "window_start": now, "count": 1, "expires_at": now}
     )
@@ -72,7 +79,7 @@ def owned(db, user_id: ObjectId) -> dict[str, int]:
     counts = {name: db[name].count_documents({"user_id": user_id}) for name in USER_COLLECTIONS}
     counts["users"] = db.users.count_documents({"_id": user_id})
     counts["stream_slots"] = db.stream_slots.count_documents({"_id": stream_slot_id(str(user_id))})
-    keys = [limit_key(kind, str(user_id)) for kind in ("chat", "export:user", "verify:user")]
+    keys = [limit_key(kind, str(user_id)) for kind in USER_LIMIT_KINDS]
     counts["rate_limits"] = db.rate_limits.count_documents({"key": {"$in": keys}})
     return counts
 
@@ -84,7 +91,7 @@ def everything_but(db, user_id: ObjectId) -> dict[str, list]:
     check counts in the login windows (per address and per IP) like a login.
     """
     mine = {user_id, stream_slot_id(str(user_id))}
-    my_keys = {limit_key(kind, str(user_id)) for kind in ("chat", "export:user", "verify:user")}
+    my_keys = {limit_key(kind, str(user_id)) for kind in USER_LIMIT_KINDS}
     out: dict[str, list] = {}
     for name in db.list_collection_names():
         docs = [doc for doc in db[name].find({}) if doc.get("user_id") not in mine and doc["_id"] not in mine]

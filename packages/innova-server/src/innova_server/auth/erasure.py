@@ -15,7 +15,7 @@ must finish the job. So:
 2. **Delete the dependent data**, each step one `delete_many` keyed by the
    user, so each is idempotent: sessions, reset and verification links,
    devices, the chat stream slot `chat:{user_id}`, the rate-limit counters
-   keyed by the user, conversations, messages (feedback lives in them), usage.
+   keyed by the user, conversations, messages (feedback lives in them), daily usage.
    A reply being generated at that moment stops by itself when its message
    document disappears.
 3. **Delete the user document last**, and only while it is still marked. It
@@ -61,11 +61,11 @@ USER_COLLECTIONS = (
     "devices",
     "conversations",
     "messages",
-    "usage",
+    "usage_daily",
 )
 
 # Rate-limit counters keyed by the user's id (`limit_key(kind, user_id)`).
-USER_LIMIT_KINDS = ("chat", "export:user", "verify:user")
+USER_LIMIT_KINDS = ("chat", "conversations", "export:user", "verify:user")
 
 
 # The order of steps 2 and 3 (see the module's docstring).
