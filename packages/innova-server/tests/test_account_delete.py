@@ -67,7 +67,10 @@ def seed(server, db, email: str) -> Seeded:
     # Collections other features keep per user (device cookies, daily usage).
     db.devices.insert_one({"user_id": user_id, "token_hash": hash_token(new_token()), "created_at": now})
     day = now.date().isoformat()
-    db.usage_daily.insert_one({"_id": f"{user_id}:{day}", "user_id": user_id, "day": day, "prompt_tokens": 3})
+    db.usage_daily.update_one(  # Chatlaya may have counted the replies above already
+        {"_id": f"{user_id}:{day}"}, {"$set": {"user_id": user_id, "day": day}, "$inc": {"prompt_tokens": 3}},
+        upsert=True,
+    )
     db.rate_limits.insert_one(
         {"key": limit_key("export:user", str(user_id)), "window_start": now, "count": 1, "expires_at": now}
     )
