@@ -41,6 +41,7 @@ class Services:
 
     async def aclose(self) -> None:
         try:
+            await self.account.aclose()  # late sweeps of erased accounts (see auth.account)
             await self.tasks.drain()  # mails being sent get a grace period
             await drain_finalisers()  # streams cut by the stop are stored, their slots freed
             await self.provider.aclose()

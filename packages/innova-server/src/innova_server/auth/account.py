@@ -39,6 +39,13 @@ MAX_LISTED_SESSIONS = 100
 # the last one the next start of the server (or the operator CLI) finishes it.
 ERASE_RETRY_DELAYS = (1.0, 2.0, 5.0, 15.0, 30.0, 60.0, 120.0)
 
+# Work that was in flight for the user when the account was erased (a chat
+# reply ending: it counts its usage as it stops) may write one last document.
+# The erasure runs once more this long after, when no such work can be left:
+# a reply notices its message is gone at its next checkpoint, and a reply's
+# lease is 30 s.
+LATE_SWEEP_SECONDS = 40.0
+
 
 @dataclasses.dataclass(frozen=True)
 class RevokedSession:
@@ -67,6 +74,9 @@ class AccountManager:
         self.eraser = eraser
         self.limiter = limiter
         self.tasks = tasks
+        # Not in `tasks`: shutdown must not wait for a sweep that sleeps for
+        # LATE_SWEEP_SECONDS; `aclose` cancels them.
+        self._sweeps: set[asyncio.Task[None]] = set()
 
     # -- profile ---------------------------------------------------------
 
@@ -150,6 +160,8 @@ class AccountManager:
             log.warning("account deletion interrupted user_id=%s (%s); finishing in the background",
                         user.id, type(exc).__name__)
             self.tasks.spawn("account_erasure", self._finish_later(user.id))
+        else:
+            self._schedule_sweep(user.id)
 
     async def delete_account(self, user_id: str) -> bool:
         """Erase a marked account's data and then the account; idempotent. False if it is not marked."""
@@ -160,10 +172,29 @@ class AccountManager:
             await asyncio.sleep(delay)
             try:
                 await self.eraser.finish(user_id)
+                self._schedule_sweep(user_id)
                 return
             except PyMongoError as exc:
                 log.warning("account deletion retry failed user_id=%s (%s)", user_id, type(exc).__name__)
         log.error("account deletion still unfinished user_id=%s; the next start finishes it", user_id)
+
+    def _schedule_sweep(self, user_id: str) -> None:
+        task = asyncio.get_running_loop().create_task(self._sweep_later(user_id), name="innova:account_late_sweep")
+        self._sweeps.add(task)
+        task.add_done_callback(self._sweeps.discard)
+
+    async def _sweep_later(self, user_id: str) -> None:
+        await asyncio.sleep(LATE_SWEEP_SECONDS)
+        try:
+            await self.eraser.finish(user_id)
+        except PyMongoError as exc:
+            log.warning("late sweep of an erased account failed user_id=%s (%s)", user_id, type(exc).__name__)
+
+    async def aclose(self) -> None:
+        """Cancel the late sweeps still sleeping (at shutdown)."""
+        for task in self._sweeps:
+            task.cancel()
+        await asyncio.gather(*self._sweeps, return_exceptions=True)
 
     async def finish_pending(self) -> int:
         """Deletions an earlier process left unfinished; run at startup."""

@@ -17,7 +17,9 @@ must finish the job. So:
    devices, the chat stream slot `chat:{user_id}`, the rate-limit counters
    keyed by the user, conversations, messages (feedback lives in them), daily usage.
    A reply being generated at that moment stops by itself when its message
-   document disappears.
+   document disappears; whatever such in-flight work still writes as it
+   stops is removed by a second pass `LATE_SWEEP_SECONDS` later
+   (`auth.account`).
 3. **Delete the user document last**, and only while it is still marked. It
    is the record that a deletion is pending: as long as it exists, a retry
    knows what to finish.
