@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from datetime import timedelta
 from http.cookies import SimpleCookie
 
 import httpx
@@ -126,3 +127,23 @@ def test_sessions_of_an_older_password_are_not_listed(server, db):
         assert response.status_code == 200
         [only] = client.get("/auth/sessions").json()["items"]
         assert only["current"] is True
+
+
+def test_the_listing_shows_at_most_the_100_newest(server, db):
+    with signed_in(server.url, "many@example.com") as client:
+        user = db.users.find_one({"email": "many@example.com"})
+        template = db.sessions.find_one({"user_id": user["_id"]})
+        older = template["created_at"] - timedelta(hours=1)
+        db.sessions.insert_many(
+            [
+                {**template, "_id": ObjectId(), "token_hash": f"{i:064x}", "created_at": older + timedelta(seconds=i)}
+                for i in range(150)
+            ]
+        )
+        items = client.get("/auth/sessions").json()["items"]
+        assert len(items) == 100
+        assert items[0]["current"] is True  # the newest: the one just opened
+        assert db.sessions.count_documents({"user_id": user["_id"]}) == 151
+        # Ending them all still ends every one, listed or not.
+        assert client.delete("/auth/sessions").status_code == 204
+        assert db.sessions.count_documents({"user_id": user["_id"]}) == 0
