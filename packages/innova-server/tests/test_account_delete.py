@@ -72,7 +72,8 @@ def seed(server, db, email: str) -> Seeded:
         upsert=True,
     )
     db.rate_limits.insert_one(
-        {"key": limit_key("export:user", str(user_id)), "window_start": now, "count": 1, "expires_at": now}
+        {"key": limit_key("export:user", str(user_id)), "window_start": now, "count": 1,
+         "expires_at": now + timedelta(hours=1)}  # not before the test ends: the TTL monitor runs meanwhile
     )
     return Seeded(email, user_id, cookies)
 
