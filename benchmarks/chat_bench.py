@@ -9,6 +9,9 @@ separate processes and drives them over loopback with httpx-sse:
 - MongoDB round trips per chat turn, from the server's
   `innova_mongo_commands_total`, for a 10-word and a 1000-word message (they
   must be equal: tokens are never written one by one);
+- round trips of replies that last 1, 3 and 6 s (ECHO_DELAY_MS=50): a
+  constant plus one checkpoint per CHAT_CHECKPOINT_MS (1000) of generation,
+  whatever the number of tokens;
 - how many concurrent streams one worker holds (default 500; ECHO_DELAY_MS
   keeps them open), with errors and the worker's memory (RSS, psutil).
 
@@ -158,6 +161,31 @@ async def latency_and_round_trips(url: str, turns: int) -> dict[str, Any]:
     return results
 
 
+async def checkpoint_round_trips(url: str, delay_ms: int, turns: int) -> dict[str, Any]:
+    """Round trips per reply as its duration grows: a constant plus one per checkpoint interval."""
+    cookies = register(url, "checkpoints@example.com")
+    results: dict[str, Any] = {"echo_delay_ms": delay_ms, "checkpoint_ms": 1000}
+    async with httpx.AsyncClient(base_url=url, cookies=cookies, timeout=60) as client:
+        await one_turn(client, words(3))
+        for seconds in (1, 3, 6):
+            size = seconds * 1000 // delay_ms + 1
+            before = metric_sum(url, "innova_mongo_commands_total")
+            runs = [await one_turn(client, words(size)) for _ in range(turns)]
+            after = metric_sum(url, "innova_mongo_commands_total")
+            row = {
+                "tokens": size,
+                "turn_p50_s": round(pct([r.total for r in runs], 0.5), 2),
+                "mongo_round_trips_per_turn": round((after - before) / turns, 2),
+                "errors": sum(1 for r in runs if r.error),
+            }
+            results[f"{seconds}s"] = row
+            print(
+                f"reply of ~{seconds} s ({size} tokens): {row['mongo_round_trips_per_turn']:.2f} round trips"
+                f" (turn p50 {row['turn_p50_s']} s, errors {row['errors']})"
+            )
+    return results
+
+
 async def concurrent_streams(url: str, server_pid: int, streams: int, users: int, delay_ms: int) -> dict[str, Any]:
     worker = psutil.Process(server_pid)
     cookies = [register(url, f"load{i}@example.com") for i in range(users)]
@@ -223,6 +251,16 @@ def main() -> int:
         try:
             wait_until_healthy(url, process=server)
             results["latency"] = asyncio.run(latency_and_round_trips(url, args.turns))
+        finally:
+            server.terminate()
+            server.wait(30)
+
+        port = free_port()
+        server = start_server(mongo.uri, port, "innova_chat_bench_checkpoints", ECHO_DELAY_MS="50", **CHEAP_ARGON2)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            wait_until_healthy(url, process=server)
+            results["checkpoints"] = asyncio.run(checkpoint_round_trips(url, 50, max(3, args.turns // 10)))
         finally:
             server.terminate()
             server.wait(30)

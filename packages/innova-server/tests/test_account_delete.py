@@ -374,11 +374,6 @@ def test_the_address_of_a_pending_deletion_can_register_again_at_once(server, db
     wait_for(lambda: len([m for m in sent(server, VERIFY) if m["To"] == victim.email]) >= 2, what="the new link")
 
 
-@pytest.mark.xfail(
-    reason="needs Chatlaya turns whose reply document exists from the start and stop when it disappears; "
-    "the first-version turn writes its reply once at the end, so it runs on and stores it",
-    strict=False,
-)
 def test_a_reply_streaming_for_the_user_ends_and_leaves_nothing(start_server, db, monkeypatch):
     monkeypatch.setenv("ECHO_DELAY_MS", "100")
     monkeypatch.setattr(account_module, "LATE_SWEEP_SECONDS", 3.0)

@@ -17,9 +17,12 @@ import pytest
 from bson import ObjectId
 from httpx_sse import connect_sse
 
+from innova_server.auth.store import utcnow
 from innova_server.chat import ChatChunk, ChatMessage, ChatRequest, ProviderUnavailable, Usage
-from innova_server.chatlaya.service import ChatTurn, TurnContext, drain_finalisers
-from innova_server.chatlaya.store import ConversationStore, MessageStore, StreamSlots
+from innova_server.chatlaya.messages import MessageStore
+from innova_server.chatlaya.store import ConversationStore, StreamSlots
+from innova_server.chatlaya.streams import LiveStream
+from innova_server.chatlaya.turns import Turn, TurnContext, TurnRegistry, TurnTimings
 from innova_server.db import Database
 from innova_server.plugins import RegisterProvider, hookimpl
 from innova_server.testing import registered
@@ -89,7 +92,7 @@ def test_text_less_chunks_are_no_reason_to_ping(with_provider):
         assert response.status_code == 200
         raw = response.read().decode()
     assert ": ping" not in raw
-    assert raw.count("event: token") == 20 and raw.rstrip().split("\n\n")[-1].startswith("event: done")
+    assert raw.count("event: token") == 20 and "\nevent: done\n" in raw.rstrip().split("\n\n")[-1]
 
 
 class GatedProvider:
@@ -124,7 +127,7 @@ def read_until(events, name: str, into: list[tuple[str, dict[str, Any]]]) -> Non
 
 @pytest.mark.parametrize("error", [None, ProviderUnavailable("model crashed")])
 def test_a_database_failure_at_the_end_still_sends_error_and_done(with_provider, db, error):
-    """The assistant message cannot be stored (its id is taken by then): a real server-side failure."""
+    """The final write is refused by the server (a collection validator): a real server-side failure."""
     gate = Gate()
     server = with_provider(GatedProvider(gate, ["un "], ["deux"], error), chat_max_concurrent_streams=1)
     with signed_in(server.url) as client:
@@ -133,9 +136,12 @@ def test_a_database_failure_at_the_end_still_sends_error_and_done(with_provider,
             events = source.iter_sse()
             read_until(events, "token", received)
             message_id = ObjectId(received[0][1]["message_id"])
-            db.messages.insert_one({"_id": message_id, "squatter": True})
-            gate.opened.set()
-            read_until(events, "done", received)
+            db.command({"collMod": "messages", "validator": {"status": {"$nin": ["complete", "error"]}}})
+            try:
+                gate.opened.set()
+                read_until(events, "done", received)
+            finally:
+                db.command({"collMod": "messages", "validator": {}})
         names = [name for name, _ in received]
         assert names == ["start", "token", "token", "error", "done"]
         errors = [data for name, data in received if name == "error"]
@@ -144,10 +150,10 @@ def test_a_database_failure_at_the_end_still_sends_error_and_done(with_provider,
         else:
             assert errors[0]["code"] == "provider_unavailable"
         assert received[-1][1]["finish_reason"] == "error"
-        assert db.messages.find_one({"_id": message_id}) == {"_id": message_id, "squatter": True}
+        # Not finished in the history: it stays `streaming` until its lease lapses (then `interrupted`).
+        assert db.messages.find_one({"_id": message_id})["status"] == "streaming"
         # The slot was still given back: with a cap of 1 the next message is accepted.
         wait_for(lambda: live_slots(db) == 0)
-        gate.opened.set()
         assert chat(client, "encore").status == 200
 
 
@@ -176,7 +182,10 @@ def test_the_user_message_is_stored_before_the_first_token(with_provider, db):
         start = json.loads(next(events).data)
         stored = db.messages.find_one({"_id": ObjectId(start["user_message_id"])})
         assert stored is not None and stored["content"] == "premier" and stored["role"] == "user"
-        assert db.messages.count_documents({"role": "assistant"}) == 0
+        # The reply exists from the start, empty and `streaming`, following the question.
+        reply = db.messages.find_one({"role": "assistant"})
+        assert str(reply["_id"]) == start["message_id"] and reply["parent_id"] == stored["_id"]
+        assert (reply["status"], reply["content"]) == ("streaming", "")
         gate.opened.set()
         rest: list[tuple[str, dict[str, Any]]] = []
         read_until(events, "done", rest)
@@ -281,54 +290,63 @@ async def stores(mongo_uri: str, db_name: str, db):
     await database.close()
 
 
-async def a_close_cancelled_midway(
-    conversations: ConversationStore, messages: MessageStore, slots: StreamSlots
-) -> tuple[TurnContext, StubbornProvider]:
-    """A turn whose client left after one token, its `close()` cancelled again while the provider stops."""
+TIMINGS = TurnTimings(checkpoint_seconds=0.1, lease=timedelta(seconds=30), detached_timeout_seconds=60)
+
+
+async def a_running_turn(
+    conversations: ConversationStore, messages: MessageStore, slots: StreamSlots, registry: TurnRegistry
+) -> tuple[Turn, StubbornProvider]:
+    """A turn as `ChatService.open_turn` leaves it: messages stored, slot held, accepted, one token said."""
     user_id = str(ObjectId())
     conversation = await conversations.create(user_id)
-    slot = await slots.acquire(f"chat:{user_id}", 1)
+    message_id = str(ObjectId())
+    slot = await slots.acquire(f"chat:{user_id}", 1, message_id)
     assert slot is not None
-    context = TurnContext(user_id, conversation.id, str(ObjectId()), ObjectId(), "stubborn", "m1", slot)
-    provider = StubbornProvider(cleanup=0.5)
-    turn = ChatTurn(context, provider, ChatRequest([ChatMessage("user", "q")], "m1"), messages, slots, conversations)
-    turn.begin()
-    assert [e.name for e in await turn.next_events(5)] == ["token"]
+    user_message_id = await messages.open_turn(
+        conversation_id=conversation.id, user_id=user_id, content="q", parent_id=None,
+        assistant_id=ObjectId(message_id), provider="stubborn", model="m1", created_at=utcnow(), lease=TIMINGS.lease,
+    )  # fmt: skip
+    context = TurnContext(user_id, conversation.id, user_message_id, message_id, "stubborn", "m1", slot)
+    provider = StubbornProvider(cleanup=3)
+    turn = Turn(context, provider, ChatRequest([ChatMessage("user", "q")], "m1"), messages, slots, TIMINGS)
+    registry.start(turn)
+    await turn.first_item(5)
+    turn.accept()
+    assert turn.text() == "dit "
+    return turn, provider
 
-    closing = asyncio.create_task(turn.close())
-    await asyncio.sleep(0.1)  # close() now waits for the provider to stop
-    closing.cancel()  # ... and is cancelled again (the server stopping)
-    with pytest.raises(asyncio.CancelledError):
-        await closing
-    return context, provider
 
-
-async def test_a_second_cancellation_while_closing_still_writes_the_message_and_frees_the_slot(stores, db):
+async def test_a_stop_ends_the_reply_without_waiting_for_a_slow_provider(stores, db):
     conversations, messages, slots = stores
-    context, provider = await a_close_cancelled_midway(conversations, messages, slots)
-    slot = context.slot
+    registry = TurnRegistry(messages, slots, TIMINGS)
+    turn, provider = await a_running_turn(conversations, messages, slots, registry)
+    stream = LiveStream(turn)
+    stream.first_events()
+    assert [e.name for e in await stream.next_events(5)] == ["token"]
 
-    await asyncio.wait_for(provider.stopped.wait(), 5)
-    for _ in range(500):
-        if await messages.collection.find_one({"_id": context.message_id}) and await slots.held(slot.key) == 0:
-            break
-        await asyncio.sleep(0.01)
-    stored = await messages.collection.find_one({"_id": context.message_id})
-    assert stored is not None and stored["status"] == "incomplete" and stored["content"] == "dit "
-    assert await slots.held(slot.key) == 0
+    turn.stop("stopped")
+    events = await asyncio.wait_for(stream.next_events(5), 2)  # the provider needs 3 s to stop
+    assert [e.name for e in events] == ["done"] and events[0].data["finish_reason"] == "stopped"
+    assert not provider.stopped.is_set()
+    stored = db.messages.find_one({"_id": ObjectId(turn.message_id)})
+    assert stored["status"] == "incomplete" and stored["finish_reason"] == "stopped" and stored["content"] == "dit "
+    assert live_slots(db) == 0
+    await asyncio.wait_for(provider.stopped.wait(), 5)  # still told to stop, in the background
+    await stream.close()
 
 
-async def test_shutdown_waits_for_cut_streams_before_the_database_closes(mongo_uri: str, db_name: str, db):
-    # What Services.aclose does after uvicorn's graceful timeout cancelled the
-    # request tasks: drain the shielded endings, then close the database.
+async def test_shutdown_ends_running_replies_before_the_database_closes(mongo_uri: str, db_name: str, db):
+    # What Services.aclose does: end the registry's turns, then close the database.
     database = Database(mongo_uri, db_name)
     conversations, messages = ConversationStore(database), MessageStore(database)
     slots = StreamSlots(database, lease=timedelta(minutes=5))
-    context, _ = await a_close_cancelled_midway(conversations, messages, slots)
+    registry = TurnRegistry(messages, slots, TIMINGS)
+    turn, _ = await a_running_turn(conversations, messages, slots, registry)
 
-    await drain_finalisers()
+    await registry.aclose()
     await database.close()  # right away, as at shutdown
 
-    stored = db.messages.find_one({"_id": context.message_id})
-    assert stored is not None and stored["status"] == "incomplete" and stored["content"] == "dit "
-    assert live_slots(db) == 0
+    stored = db.messages.find_one({"_id": ObjectId(turn.message_id)})
+    assert stored["status"] == "incomplete" and stored["finish_reason"] == "interrupted"
+    assert stored["content"] == "dit "
+    assert live_slots(db) == 0 and len(registry) == 0

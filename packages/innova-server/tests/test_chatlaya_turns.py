@@ -104,14 +104,19 @@ class ProviderPlugin:
 
 @pytest.fixture
 def with_provider(start_server):
-    """Start a server whose PROVIDER is `provider` (a test object)."""
+    """Start a server whose PROVIDER is `provider` (a test object).
+
+    A client leaving stops the reply here (`CHAT_DETACHED_TIMEOUT_SECONDS=0`,
+    the first version's behaviour): these tests are about how a stream ends.
+    Replies that outlive their client are `test_chatlaya_lifecycle.py`'s.
+    """
     stack: list[Any] = []
 
     def start(provider: Any, **overrides: Any):
         context = registered(ProviderPlugin("testprov", lambda: provider), name="test-plugin")
         context.__enter__()
         stack.append(context)
-        return start_server(provider="testprov", **overrides)
+        return start_server(provider="testprov", **{"chat_detached_timeout_seconds": 0, **overrides})
 
     yield start
     for context in reversed(stack):
@@ -173,7 +178,7 @@ def test_undocumented_exception_is_reported_as_provider_unavailable(with_provide
 
 
 class GarbageProvider:
-    """Breaks the protocol: yields a str, then (second instance) raises from `stream()` itself."""
+    """Breaks the protocol: yields a dict, then (second instance) raises from `stream()` itself."""
 
     def __init__(self) -> None:
         self.calls = 0
@@ -186,7 +191,7 @@ class GarbageProvider:
 
     async def _garbage(self) -> AsyncIterator[Any]:
         yield ChatChunk(text="ok ")
-        yield "not a chunk"
+        yield {"text": "not a chunk"}
 
     async def aclose(self) -> None:
         return None
@@ -225,7 +230,7 @@ def test_pings_during_silence_then_tokens(with_provider):
             seen += text
             if "event: token" in seen:
                 break
-    assert seen.startswith("event: start\ndata: {")
+    assert seen.startswith("id: ") and "\nevent: start\ndata: {" in seen.split("\n\n")[0]
     assert seen.count(": ping\n\n") >= 1
     assert seen.index(": ping") < seen.index("event: token")
 

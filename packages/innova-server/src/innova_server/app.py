@@ -17,7 +17,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 
-from innova_server import __version__, health, metrics
+from innova_server import __version__, health, metrics, playground
 from innova_server.auth.dependencies import require_verified_email
 from innova_server.auth.legacy import LEGACY_PREFIX, LegacyAuthMiddleware
 from innova_server.auth.router import build_router as build_auth_router
@@ -107,16 +107,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # REQUIRE_VERIFIED_EMAIL: every chat route asks for a verified address (a
     # no-op when the setting is off). Added here so Chatlaya needs no change.
     app.include_router(build_chat_router(), dependencies=[Depends(require_verified_email)])
+    if settings.playground_enabled:
+        app.include_router(playground.router)
 
     # Added innermost first: requests pass Metrics → CORS → Legacy → CSRF → body cap.
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
-    app.add_middleware(CSRFOriginMiddleware, allowed_origins=settings.allowed_origins)
+    app.add_middleware(
+        CSRFOriginMiddleware, allowed_origins=settings.allowed_origins, allow_same_origin=settings.playground_enabled
+    )
     app.add_middleware(LegacyAuthMiddleware)
     app.add_middleware(
         CORSMiddleware,
         allow_origins=settings.allowed_origins,
         allow_credentials=True,
-        allow_methods=["GET", "POST", "PATCH", "DELETE"],
+        allow_methods=["GET", "POST", "PUT", "PATCH", "DELETE"],  # PUT: message feedback
         allow_headers=["Content-Type", "Last-Event-ID"],
         # Readable by the front end's JavaScript: when to retry (429/503), and
         # the legacy routes' deprecation notice and successor.

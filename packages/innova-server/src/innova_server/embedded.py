@@ -103,8 +103,12 @@ class EmbeddedMongo:
                         f"(is another `innova serve` using {self.storage_path}?)"
                     )
                 with contextlib.suppress(PyMongoError):
-                    client.admin.command("ping")
-                    return
+                    # Ours, not another server that took the port between
+                    # `free_port()` and our bind (parallel test runs do that):
+                    # then ours is about to exit, and the next turn says so.
+                    status = client.admin.command("serverStatus")
+                    if status.get("pid") in (None, self.process.pid):
+                        return
                 time.sleep(0.1)
         finally:
             client.close()

@@ -56,7 +56,22 @@ ACCOUNT_EVENTS = Counter(
 PASSWORD_RESETS = Counter("innova_password_resets_total", "Password reset attempts by outcome", ["outcome"])
 CHAT_STREAMS = Counter("innova_chat_streams_total", "Chat replies by outcome", ["provider", "status"])
 CHAT_TOKENS = Counter("innova_chat_chunks_total", "Chunks streamed to clients", ["provider"])
-CHAT_ACTIVE = Gauge("innova_chat_active_streams", "Replies being streamed now", multiprocess_mode="livesum")
+CHAT_ACTIVE = Gauge("innova_chat_active_streams", "Replies being generated now", multiprocess_mode="livesum")
+CHAT_DETACHED = Gauge(
+    "innova_chat_detached_streams", "Replies being generated with no client attached here", multiprocess_mode="livesum"
+)
+CHAT_TURN_ENDINGS = Counter(
+    "innova_chat_turn_endings_total",
+    "Replies by finish_reason (stop, length, stopped, cancelled, interrupted, error)",
+    ["provider", "finish_reason"],
+)
+CHAT_FEEDBACK = Counter(
+    "innova_chat_feedback_total", "Feedback given on replies", ["provider", "model", "rating"]
+)
+CHAT_TITLES = Counter("innova_chat_titles_total", "Model titles by outcome (set, kept, timeout, failed)", ["outcome"])
+CHAT_RESUMES = Counter(
+    "innova_chat_resumes_total", "Reply streams resumed, by source (memory, checkpoints, replay)", ["source"]
+)
 PLUGIN_ERRORS = Gauge("innova_plugin_load_errors", "Plugins that failed to load", multiprocess_mode="max")
 
 

@@ -13,8 +13,12 @@ from innova_server.auth.store import SessionStore, UserStore, VerifyTokenStore
 from innova_server.auth.verification import VerificationManager
 from innova_server.background import BackgroundTasks
 from innova_server.chat import ChatProvider
-from innova_server.chatlaya.service import SLOT_LEASE, ChatService, drain_finalisers
-from innova_server.chatlaya.store import ConversationStore, MessageStore, StreamSlots
+from innova_server.chatlaya.messages import MessageStore
+from innova_server.chatlaya.replies import Replies
+from innova_server.chatlaya.service import ChatService
+from innova_server.chatlaya.store import ConversationStore, StreamSlots
+from innova_server.chatlaya.turns import TurnRegistry, TurnTimings
+from innova_server.chatlaya.usage import UsageStore
 from innova_server.db import Database
 from innova_server.mail import Mailer
 from innova_server.plugins import PluginRegistry, ProviderEntry
@@ -35,15 +39,17 @@ class Services:
     mailer: Mailer
     recovery: RecoveryManager
     tasks: BackgroundTasks
+    turns: TurnRegistry
     chat: ChatService
     account: AccountManager
     verification: VerificationManager
+    replies: Replies
 
     async def aclose(self) -> None:
         try:
             await self.account.aclose()  # late sweeps of erased accounts (see auth.account)
             await self.tasks.drain()  # mails being sent get a grace period
-            await drain_finalisers()  # streams cut by the stop are stored, their slots freed
+            await self.turns.aclose()  # replies still running are stored (interrupted), their slots freed
             await self.provider.aclose()
         finally:
             await self.db.close()
@@ -67,12 +73,21 @@ def build_services(settings: Settings, plugins: PluginRegistry, mongo_uri: str) 
     recovery = RecoveryManager(settings, db, users, sessions, passwords, limiter, mailer, tasks)
     account = AccountManager(settings, db, users, sessions, auth, recovery, eraser, limiter, tasks)
     verification = VerificationManager(settings, users, VerifyTokenStore(db), limiter, recovery, tasks)
+    conversations, messages, usage = ConversationStore(db), MessageStore(db), UsageStore(db)
+    slots = StreamSlots(db, lease=settings.chat_lease)
+    turns = TurnRegistry(messages, slots, TurnTimings.from_settings(settings))
     chat = ChatService(
+        settings, conversations, messages, limiter, usage, on_conversation_deleted=turns.stop_conversation
+    )
+    replies = Replies(
         settings,
-        ConversationStore(db),
-        MessageStore(db),
-        StreamSlots(db, lease=SLOT_LEASE),
+        conversations,
+        messages,
+        slots,
         limiter,
+        turns,
+        usage,
+        tasks,
         provider_name=provider_entry.name,
         model=model,
         provider=provider,
@@ -89,7 +104,9 @@ def build_services(settings: Settings, plugins: PluginRegistry, mongo_uri: str) 
         mailer,
         recovery=recovery,
         tasks=tasks,
+        turns=turns,
         chat=chat,
         account=account,
         verification=verification,
+        replies=replies,
     )

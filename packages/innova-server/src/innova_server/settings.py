@@ -12,6 +12,7 @@ import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
 
@@ -96,7 +97,7 @@ class PluginSettings(BaseSettings):
 
 
 class Settings(PluginSettings):
-    """The core configuration (DESIGN §3). Field names are the env variables, lower-cased."""
+    """The core configuration (the table in innova-server's README). Field names are the env variables, lower-cased."""
 
     env: Environment = "development"
     host: str = "127.0.0.1"
@@ -132,6 +133,7 @@ class Settings(PluginSettings):
     rate_limit_chat_user: Limit = RateLimit(30, 60)
     rate_limit_export_user: Limit = RateLimit(3, 3600)
     rate_limit_verify_user: Limit = RateLimit(5, 3600)
+    rate_limit_conversations_user: Limit = RateLimit(100, 86400)
     chat_max_concurrent_streams: int = Field(3, ge=1)
 
     smtp_host: str | None = None
@@ -153,8 +155,22 @@ class Settings(PluginSettings):
     chat_max_tokens: int = Field(512, ge=1)
     chat_temperature: float = Field(0.7, ge=0, le=2)
     chat_ping_seconds: float = Field(15.0, gt=0)
+    # A reply outlives its request: checkpoints, the dead-worker lease, and how
+    # long it goes on with nobody watching (0 = stop when the client leaves).
+    # The checkpoint interval bounds how soon a stop sent to another process
+    # lands, hence its ceiling (a stop must land within 2 s).
+    chat_checkpoint_ms: int = Field(1000, ge=50, le=1500)
+    chat_lease_seconds: float = Field(30.0, ge=2, le=3600)
+    chat_detached_timeout_seconds: float = Field(60.0, ge=0, le=86_400)
+    # Conversation titles: the first message's words, or asked of the model in the background.
+    chat_titles: Literal["first_message", "model"] = "first_message"
+    chat_title_timeout_seconds: float = Field(20.0, gt=0, le=600)
+    # Model tokens (prompt + completion) per user per UTC day; unset = unlimited.
+    chat_daily_tokens_user: int | None = Field(None, ge=1)
 
     metrics_token: SecretStr | None = None
+    # The browser playground at /playground: always in development, elsewhere only when asked for.
+    playground: bool = False
     innova_load_plugins: CommaList | None = None
 
     @field_validator("allowed_origins", "trusted_proxies", "innova_load_plugins", mode="before")
@@ -171,6 +187,7 @@ class Settings(PluginSettings):
         "rate_limit_chat_user",
         "rate_limit_export_user",
         "rate_limit_verify_user",
+        "rate_limit_conversations_user",
         mode="before",
     )
     @classmethod
@@ -214,6 +231,14 @@ class Settings(PluginSettings):
         return self.mongo_uri.get_secret_value() if self.mongo_uri else None
 
     @property
+    def playground_enabled(self) -> bool:
+        return self.env == "development" or self.playground
+
+    @property
+    def chat_lease(self) -> timedelta:
+        return timedelta(seconds=self.chat_lease_seconds)
+
+    @property
     def smtp_sender(self) -> str | None:
         return self.smtp_from_email or self.smtp_user
 
@@ -244,6 +269,11 @@ class Settings(PluginSettings):
         """
         uri_problem = self.mongo_uri_problem()
         lines: list[str] = [uri_problem] if uri_problem else []
+        if self.chat_lease_seconds < 3 * self.chat_checkpoint_ms / 1000:
+            lines.append(
+                f"CHAT_LEASE_SECONDS={self.chat_lease_seconds:g} must be at least three checkpoint intervals "
+                f"(CHAT_CHECKPOINT_MS={self.chat_checkpoint_ms}): a live reply would be declared dead."
+            )
         if self.env != "production":
             return lines
         if not self.mongo_uri_value:

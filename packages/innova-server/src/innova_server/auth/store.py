@@ -13,10 +13,9 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from bson import ObjectId
-from pymongo import ReturnDocument
 from pymongo.errors import DuplicateKeyError
 
-from innova_server.db import Database, Document
+from innova_server.db import Database, Document, write_then_confirm
 
 
 def utcnow() -> datetime:
@@ -105,25 +104,23 @@ class UserStore:
         return str(doc["_id"]) if doc else None
 
     async def set_name(self, user_id: str, name: str | None) -> UserRecord | None:
-        doc = await self.collection.find_one_and_update(
+        doc = await write_then_confirm(
+            self.collection,
             {"_id": ObjectId(user_id), **LIVE},
             {"$set": {"name": name, "updated_at": utcnow()}},
-            return_document=ReturnDocument.AFTER,
+            confirm={"_id": ObjectId(user_id), "name": name, **LIVE},
         )
-        if doc is None:  # SecantusDB may report no document for an update that applied: re-read
-            doc = await self.collection.find_one({"_id": ObjectId(user_id), **LIVE})
         return UserRecord.from_doc(doc) if doc else None
 
     async def mark_verified(self, user_id: str, email: str) -> UserRecord | None:
         """Set `email_verified`, only while the account still has the address the link was sent to."""
         query: Document = {"_id": ObjectId(user_id), "email": email, **LIVE}
-        doc = await self.collection.find_one_and_update(
+        doc = await write_then_confirm(
+            self.collection,
             query,
             {"$set": {"email_verified": True, "updated_at": utcnow()}},
-            return_document=ReturnDocument.AFTER,
+            confirm={**query, "email_verified": True},
         )
-        if doc is None:  # see set_name
-            doc = await self.collection.find_one({**query, "email_verified": True})
         return UserRecord.from_doc(doc) if doc else None
 
     async def change_password(self, user_id: str, old_hash: str, new_hash: str) -> int | None:
@@ -132,14 +129,14 @@ class UserStore:
         The new epoch, or None when the password changed meanwhile (another
         change or a reset won) or the account is gone or being deleted.
         """
-        doc = await self.collection.find_one_and_update(
+        doc = await write_then_confirm(
+            self.collection,
             {"_id": ObjectId(user_id), "password_hash": old_hash, **LIVE},
             {"$set": {"password_hash": new_hash, "updated_at": utcnow()}, "$inc": {"auth_epoch": 1}},
+            # A fresh argon2 hash (salted) is this write's own mark.
+            confirm={"_id": ObjectId(user_id), "password_hash": new_hash, **LIVE},
             projection={"auth_epoch": True},
-            return_document=ReturnDocument.AFTER,
         )
-        if doc is None:  # see set_name; a fresh argon2 hash is unique, so this finds only our write
-            doc = await self.collection.find_one({"_id": ObjectId(user_id), "password_hash": new_hash, **LIVE})
         return int(doc.get("auth_epoch") or 0) if doc else None
 
     async def upgrade_password_hash(self, user_id: str, old_hash: str, new_hash: str) -> bool:
@@ -156,14 +153,14 @@ class UserStore:
 
     async def replace_password(self, user_id: str, password_hash: str) -> int | None:
         """Store a new password and start a new auth epoch; the new epoch, or None if the user is gone."""
-        doc = await self.collection.find_one_and_update(
+        doc = await write_then_confirm(
+            self.collection,
             {"_id": ObjectId(user_id), **LIVE},
             {"$set": {"password_hash": password_hash, "updated_at": utcnow()}, "$inc": {"auth_epoch": 1}},
+            # The new hash (argon2, salted) is this write's own mark.
+            confirm={"_id": ObjectId(user_id), "password_hash": password_hash, **LIVE},
             projection={"auth_epoch": True},
-            return_document=ReturnDocument.AFTER,
         )
-        if doc is None:  # SecantusDB may report no document for an update that applied (DESIGN §2)
-            doc = await self.collection.find_one({"_id": ObjectId(user_id), "password_hash": password_hash, **LIVE})
         return int(doc.get("auth_epoch") or 0) if doc else None
 
     async def auth_epoch(self, user_id: str) -> int | None:
@@ -295,15 +292,13 @@ class VerifyTokenStore:
         """
         now = utcnow()
         claim = secrets.token_hex(16)
-        doc = await self.collection.find_one_and_update(
+        return await write_then_confirm(
+            self.collection,
             {"token_hash": token_hash, "used": False, "expires_at": {"$gt": now}},
             {"$set": {"used": True, "used_at": now, "claim": claim}},
+            confirm={"token_hash": token_hash, "claim": claim},  # only our own claim can match
             projection={"user_id": True, "email": True},
-            return_document=ReturnDocument.AFTER,
         )
-        if doc is None:  # SecantusDB may report none for an update that applied; only our claim matches
-            doc = await self.collection.find_one({"token_hash": token_hash, "claim": claim})
-        return doc
 
     async def void_all(self, user_id: str) -> None:
         """Every pending link of the user dies (the address is verified now)."""

@@ -1,13 +1,14 @@
-"""Request and response bodies of the Chatlaya API (DESIGN §5)."""
+"""Request and response bodies of the Chatlaya API (packages/innova-server/README.md, "Chatlaya")."""
 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 
-from innova_server.chatlaya.store import ConversationRecord, MessageRecord
+from innova_server.chatlaya.messages import MessageRecord
+from innova_server.chatlaya.store import ConversationRecord
 
 MAX_CONTENT_CHARS = 32_000
 MAX_TITLE_CHARS = 200
@@ -31,6 +32,22 @@ class Body(BaseModel):
 class MessageIn(Body):
     content: Content
     conversation_id: str | None = Field(None, max_length=64)
+    # A user message of that conversation: the new message becomes its sibling ("edit and resend").
+    edit_of: str | None = Field(None, max_length=64)
+
+
+class BranchIn(Body):
+    message_id: str = Field(max_length=64)
+
+
+class FeedbackIn(Body):
+    rating: Literal["up", "down"]
+    comment: Annotated[str, StringConstraints(strip_whitespace=True, max_length=1000)] | None = None
+
+
+class FeedbackOut(BaseModel):
+    rating: str
+    comment: str | None
 
 
 class ConversationPatch(Body):
@@ -68,6 +85,10 @@ class ConversationPage(BaseModel):
 class MessageOut(BaseModel):
     id: str
     conversation_id: str
+    parent_id: str | None
+    # Every message with the same parent, itself included, oldest first ("2 / 3").
+    sibling_ids: list[str]
+    feedback: FeedbackOut | None
     role: str
     content: str
     created_at: datetime
@@ -77,10 +98,14 @@ class MessageOut(BaseModel):
     finish_reason: str | None
 
     @classmethod
-    def of(cls, record: MessageRecord) -> MessageOut:
+    def of(cls, record: MessageRecord, sibling_ids: list[str] | None = None) -> MessageOut:
+        feedback = record.feedback
         return cls(
             id=record.id,
             conversation_id=record.conversation_id,
+            parent_id=record.parent_id,
+            sibling_ids=sibling_ids if sibling_ids is not None else [record.id],
+            feedback=FeedbackOut(rating=feedback["rating"], comment=feedback.get("comment")) if feedback else None,
             role=record.role,
             content=record.content,
             created_at=record.created_at,
@@ -91,6 +116,21 @@ class MessageOut(BaseModel):
         )
 
 
+class MessageEnvelope(BaseModel):
+    message: MessageOut
+
+
 class MessagePage(BaseModel):
     items: list[MessageOut]
     next_cursor: str | None
+
+
+class UsageToday(BaseModel):
+    messages: int
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class UsageOut(BaseModel):
+    today: UsageToday
+    daily_token_limit: int | None

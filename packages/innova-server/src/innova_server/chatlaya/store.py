@@ -1,4 +1,4 @@
-"""Conversations, messages and stream slots in MongoDB, behind small typed interfaces.
+"""Conversations and stream slots in MongoDB (messages: `messages.py`), behind small typed interfaces.
 
 Every state change that must be atomic is a single MongoDB operation:
 
@@ -12,20 +12,17 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal
+from typing import Any
 
 from bson import ObjectId
-from pymongo import DESCENDING, ReturnDocument
-from pymongo.errors import DuplicateKeyError
+from pymongo import DESCENDING, ReturnDocument, UpdateOne
 
 from innova_server.auth.store import object_id, utcnow
-from innova_server.db import Database, Document
-
-MessageStatus = Literal["complete", "incomplete", "error"]
-
+from innova_server.db import Database, Document, write_then_confirm
 
 # -- records -----------------------------------------------------------------
 
@@ -39,9 +36,13 @@ class ConversationRecord:
     created_at: datetime
     updated_at: datetime
     archived: bool
+    # The current branch, root→leaf (`chatlaya.tree`); None for a conversation
+    # of the first version, whose messages have no parents yet.
+    branch: list[str] | None = None
 
     @classmethod
     def from_doc(cls, doc: Document) -> ConversationRecord:
+        branch = doc.get("branch")
         return cls(
             id=str(doc["_id"]),
             user_id=str(doc["user_id"]),
@@ -50,35 +51,7 @@ class ConversationRecord:
             created_at=doc["created_at"],
             updated_at=doc["updated_at"],
             archived=bool(doc.get("archived", False)),
-        )
-
-
-@dataclass(frozen=True)
-class MessageRecord:
-    id: str
-    conversation_id: str
-    role: str
-    content: str
-    created_at: datetime
-    status: str
-    provider: str | None
-    model: str | None
-    finish_reason: str | None
-    usage: dict[str, int] | None
-
-    @classmethod
-    def from_doc(cls, doc: Document) -> MessageRecord:
-        return cls(
-            id=str(doc["_id"]),
-            conversation_id=str(doc["conversation_id"]),
-            role=doc["role"],
-            content=doc.get("content", ""),
-            created_at=doc["created_at"],
-            status=doc.get("status", "complete"),
-            provider=doc.get("provider"),
-            model=doc.get("model"),
-            finish_reason=doc.get("finish_reason"),
-            usage=doc.get("usage"),
+            branch=[str(oid) for oid in branch] if branch is not None else None,
         )
 
 
@@ -125,6 +98,7 @@ class ConversationStore:
             "created_at": now,
             "updated_at": now,
             "archived": False,
+            "branch": [],
         }
 
     async def create(self, user_id: str) -> ConversationRecord:
@@ -160,37 +134,68 @@ class ConversationStore:
         if found is not None:
             return found
         key = {"session_key": user_id}
-        doc: Document | None
-        try:
-            doc = await self.collection.find_one_and_update(
-                key,
-                {"$setOnInsert": self._new_doc(ObjectId(user_id), utcnow())},
-                upsert=True,
-                return_document=ReturnDocument.AFTER,
-            )
-        except DuplicateKeyError:  # lost the insert race: the winner's document exists now
-            doc = None
-        if doc is None:  # also SecantusDB's concurrent-upsert quirk (DESIGN §2): re-read
-            doc = await self.collection.find_one(key)
-        if doc is None:  # archived between our upsert and the re-read: fall back on the newest
+        doc = await write_then_confirm(
+            self.collection, key, {"$setOnInsert": self._new_doc(ObjectId(user_id), utcnow())}, confirm=key, upsert=True
+        )
+        if doc is None:  # archived between our upsert and the read: fall back on the newest
             return await self.active(user_id) or await self.create(user_id)
         return ConversationRecord.from_doc(doc)
 
-    async def touch(self, conversation: ConversationRecord, now: datetime, first_message: str | None) -> None:
-        """Move `updated_at`; set the automatic title if the conversation has none yet.
+    async def touch(
+        self, conversation: ConversationRecord, now: datetime, first_message: str | None, branch: list[str]
+    ) -> bool:
+        """Make `branch` current and move `updated_at`; set the automatic title if there is none yet.
 
-        The title filter re-checks `title_set_by_user` in the same operation, so
-        a rename racing with the first message always wins.
+        One update. The title filter re-checks `title_set_by_user` in the same
+        operation, so a rename racing with the first message always wins.
+        False when the conversation is gone (deleted while the turn was being opened).
         """
         oid = ObjectId(conversation.id)
+        changes: dict[str, Any] = {"updated_at": now, "branch": [ObjectId(m) for m in branch]}
         if first_message is not None and conversation.title is None and not conversation.title_set_by_user:
+            title = make_title(first_message)
             result = await self.collection.update_one(
                 {"_id": oid, "title_set_by_user": {"$ne": True}},
-                {"$set": {"updated_at": now, "title": make_title(first_message)}},
+                {"$set": {**changes, "title": title, "title_search": title.casefold()}},
             )
             if result.matched_count:
-                return
-        await self.collection.update_one({"_id": oid}, {"$set": {"updated_at": now}})
+                return True
+        result = await self.collection.update_one({"_id": oid}, {"$set": changes})
+        return result.matched_count == 1
+
+    async def restore(self, conversation: ConversationRecord, branch: list[str], *, replaced: list[str]) -> None:
+        """Put back branch, `updated_at` and title as `conversation` had them, unless the branch moved
+        on since `replaced` was written (another turn, a switch): then the newer state stays."""
+        changes: dict[str, Any] = {
+            "branch": [ObjectId(m) for m in branch],
+            "updated_at": conversation.updated_at,
+            "title": conversation.title,
+        }
+        update: dict[str, Any] = {"$set": changes}
+        if conversation.title is None:
+            update["$unset"] = {"title_search": ""}
+        else:
+            changes["title_search"] = conversation.title.casefold()
+        await self.collection.update_one(
+            {"_id": ObjectId(conversation.id), "branch": [ObjectId(m) for m in replaced]}, update
+        )
+
+    async def set_branch(self, user_id: str, conversation_id: str, branch: list[str]) -> ConversationRecord | None:
+        """Make `branch` current (any valid path: see `chatlaya.tree`); `updated_at` stays."""
+        doc = await self.collection.find_one_and_update(
+            {"_id": ObjectId(conversation_id), "user_id": ObjectId(user_id)},
+            {"$set": {"branch": [ObjectId(m) for m in branch]}},
+            return_document=ReturnDocument.AFTER,
+        )
+        return ConversationRecord.from_doc(doc) if doc else None
+
+    async def set_generated_title(self, conversation_id: str, title: str, *, replaces: str | None) -> bool:
+        """A model's title, only over the automatic title it was made for (never over the user's)."""
+        result = await self.collection.update_one(
+            {"_id": ObjectId(conversation_id), "title_set_by_user": {"$ne": True}, "title": replaces},
+            {"$set": {"title": title, "title_search": title.casefold()}},
+        )
+        return result.modified_count == 1
 
     async def update(
         self, user_id: str, conversation_id: str, *, title: str | None = None, archived: bool | None = None
@@ -204,6 +209,7 @@ class ConversationStore:
         unset: dict[str, str] = {}
         if title is not None:
             changes["title"] = title
+            changes["title_search"] = title.casefold()
             changes["title_set_by_user"] = True
         if archived is not None:
             changes["archived"] = archived
@@ -228,15 +234,31 @@ class ConversationStore:
         return result.deleted_count == 1
 
     async def page(
-        self, user_id: str, *, archived: bool, limit: int, cursor: str | None
+        self, user_id: str, *, archived: bool, limit: int, cursor: str | None, query: str | None = None
     ) -> tuple[list[ConversationRecord], str | None]:
-        """Newest `updated_at` first; the cursor is the last item's `(updated_at, _id)`."""
-        query: dict[str, Any] = {"user_id": ObjectId(user_id), "archived": archived}
+        """Newest `updated_at` first; the cursor is the last item's `(updated_at, _id)`.
+
+        `query` keeps the titles that contain it, case-insensitively, as a
+        literal: it is escaped before it becomes a pattern, and matched against
+        `title_search` (the title case-folded when it is written; a title from
+        before that field existed is matched on `title` with the `i` flag).
+        """
+        filters: dict[str, Any] = {"user_id": ObjectId(user_id), "archived": archived}
+        if query:
+            folded = re.escape(query.casefold())
+            filters["$and"] = [
+                {
+                    "$or": [
+                        {"title_search": {"$regex": folded}},
+                        {"title_search": {"$exists": False}, "title": {"$regex": re.escape(query), "$options": "i"}},
+                    ]
+                }
+            ]
         if cursor:
             when, oid = decode_cursor(cursor)
-            query["$or"] = [{"updated_at": {"$lt": when}}, {"updated_at": when, "_id": {"$lt": oid}}]
+            filters["$or"] = [{"updated_at": {"$lt": when}}, {"updated_at": when, "_id": {"$lt": oid}}]
         docs = await (
-            self.collection.find(query)
+            self.collection.find(filters)
             .sort([("updated_at", DESCENDING), ("_id", DESCENDING)])
             .limit(limit + 1)
             .batch_size(limit + 1)
@@ -261,93 +283,6 @@ def make_title(text: str, limit: int = 60) -> str:
     return title + ("…" if len(title) < len(" ".join(words)) else "")
 
 
-# -- messages ----------------------------------------------------------------
-
-
-class MessageStore:
-    def __init__(self, db: Database) -> None:
-        self.collection = db.messages
-
-    async def add(
-        self,
-        *,
-        conversation_id: str,
-        user_id: str,
-        role: str,
-        content: str,
-        created_at: datetime,
-        status: MessageStatus = "complete",
-        message_id: ObjectId | None = None,
-        provider: str | None = None,
-        model: str | None = None,
-        finish_reason: str | None = None,
-        usage: dict[str, int] | None = None,
-    ) -> MessageRecord:
-        doc: Document = {
-            "_id": message_id or ObjectId(),
-            "conversation_id": ObjectId(conversation_id),
-            "user_id": ObjectId(user_id),
-            "role": role,
-            "content": content,
-            "created_at": created_at,
-            "status": status,
-            "provider": provider,
-            "model": model,
-            "finish_reason": finish_reason,
-            "usage": usage,
-        }
-        await self.collection.insert_one(doc)
-        return MessageRecord.from_doc(doc)
-
-    async def delete(self, message_id: str) -> None:
-        await self.collection.delete_one({"_id": ObjectId(message_id)})
-
-    async def delete_conversation(self, conversation_id: str) -> int:
-        result = await self.collection.delete_many({"conversation_id": ObjectId(conversation_id)})
-        return result.deleted_count
-
-    async def recent(self, conversation_id: str, *, limit: int) -> list[MessageRecord]:
-        """The newest `limit` messages, newest first, in one round trip."""
-        docs = await (
-            self.collection.find(
-                {"conversation_id": ObjectId(conversation_id)},
-                projection={"user_id": 0},
-            )
-            .sort([("created_at", DESCENDING), ("_id", DESCENDING)])
-            .limit(limit)
-            .batch_size(limit)
-            .to_list()
-        )
-        return [MessageRecord.from_doc(doc) for doc in docs]
-
-    async def page(
-        self, conversation_id: str, *, limit: int, before: str | None
-    ) -> tuple[list[MessageRecord], str | None]:
-        """A page of messages oldest→newest; `next_cursor` pages toward older ones.
-
-        The cursor is the oldest item's `(created_at, _id)`: messages that arrive
-        while a client pages back are newer than anything it still has to
-        fetch, so the walk is complete and free of duplicates.
-        """
-        query: dict[str, Any] = {"conversation_id": ObjectId(conversation_id)}
-        if before:
-            when, oid = decode_cursor(before)
-            query["$or"] = [{"created_at": {"$lt": when}}, {"created_at": when, "_id": {"$lt": oid}}]
-        docs = await (
-            self.collection.find(query, projection={"user_id": 0})
-            .sort([("created_at", DESCENDING), ("_id", DESCENDING)])
-            .limit(limit + 1)
-            .batch_size(limit + 1)
-            .to_list()
-        )
-        newest_first = [MessageRecord.from_doc(doc) for doc in docs[:limit]]
-        next_cursor = None
-        if len(docs) > limit:
-            oldest = newest_first[-1]
-            next_cursor = encode_cursor(oldest.created_at, oldest.id)
-        return list(reversed(newest_first)), next_cursor
-
-
 # -- stream slots ------------------------------------------------------------
 
 
@@ -370,8 +305,9 @@ class StreamSlots:
         self.collection = db.stream_slots
         self.lease = lease
 
-    async def acquire(self, key: str, capacity: int) -> Slot | None:
-        slot = Slot(key, secrets.token_hex(8))
+    async def acquire(self, key: str, capacity: int, slot_id: str | None = None) -> Slot | None:
+        """A slot of `key` (named `slot_id`, e.g. the reply's message id), or None when all are held."""
+        slot = Slot(key, slot_id or secrets.token_hex(8))
         for attempt in range(2):
             if await self._try_push(slot, capacity):
                 return slot
@@ -395,23 +331,37 @@ class StreamSlots:
         expires_at = utcnow() + self.lease
         query = {"_id": slot.key, f"holders.{capacity - 1}": {"$exists": False}}
         update = {"$push": {"holders": {"id": slot.id, "expires_at": expires_at}}, "$max": {"expires_at": expires_at}}
-        doc: Document | None
-        try:
-            doc = await self.collection.find_one_and_update(
-                query, update, upsert=True, return_document=ReturnDocument.AFTER, projection={"_id": 1}
-            )
-        except DuplicateKeyError:  # lost the insert race: the document exists now
-            doc = await self.collection.find_one_and_update(query, update, projection={"_id": 1})
-            return doc is not None
-        if doc is None:  # SecantusDB's concurrent-upsert quirk (DESIGN §2): check what happened
-            doc = await self.collection.find_one({"_id": slot.key, "holders.id": slot.id}, projection={"_id": 1})
+        doc = await write_then_confirm(
+            self.collection,
+            query,
+            update,
+            confirm={"_id": slot.key, "holders.id": slot.id},
+            upsert=True,
+            projection={"_id": 1},
+        )
         return doc is not None
 
-    async def renew(self, slot: Slot) -> None:
-        expires_at = utcnow() + self.lease
+    async def renew(self, slot: Slot, until: datetime | None = None) -> None:
+        """Extend the slot's lease, to `until` when given (a reply aligns it with its message's lease)."""
+        expires_at = until or utcnow() + self.lease
         await self.collection.update_one(
             {"_id": slot.key, "holders.id": slot.id},
             {"$set": {"holders.$.expires_at": expires_at}, "$max": {"expires_at": expires_at}},
+        )
+
+    async def renew_many(self, slots: list[Slot], until: datetime) -> None:
+        """`renew` for many slots in one round trip."""
+        if not slots:
+            return
+        await self.collection.bulk_write(
+            [
+                UpdateOne(
+                    {"_id": slot.key, "holders.id": slot.id},
+                    {"$set": {"holders.$.expires_at": until}, "$max": {"expires_at": until}},
+                )
+                for slot in slots
+            ],
+            ordered=False,
         )
 
     async def release(self, slot: Slot) -> None:
@@ -429,9 +379,6 @@ __all__ = [
     "ConversationRecord",
     "ConversationStore",
     "InvalidCursor",
-    "MessageRecord",
-    "MessageStatus",
-    "MessageStore",
     "Slot",
     "StreamSlots",
     "decode_cursor",

@@ -24,7 +24,7 @@ from pymongo.database import Database as SyncDatabase
 from innova_server.app import create_app
 from innova_server.embedded import EmbeddedMongo
 from innova_server.settings import Settings
-from innova_server.testing.server import LiveServer
+from innova_server.testing.server import LiveServer, ServerProcess
 
 # Cheap argon2 and generous limits so tests are fast; tests of those
 # features set their own values.
@@ -40,6 +40,7 @@ TEST_DEFAULTS: dict[str, Any] = {
     "rate_limit_forgot_email": "1000/1h",
     "rate_limit_forgot_ip": "1000/1h",
     "rate_limit_chat_user": "1000/1m",
+    "rate_limit_conversations_user": "1000/1d",
     "allowed_origins": ["http://localhost:3000"],
     "provider": "echo",
     "mailer": "console",
@@ -129,3 +130,39 @@ def start_server(
 def server(start_server: Callable[..., RunningServer]) -> RunningServer:
     """The app with the test defaults, served on loopback."""
     return start_server()
+
+
+def settings_env(values: dict[str, Any]) -> dict[str, str]:
+    """`Settings` field values as the environment variables that set them."""
+    env = {}
+    for name, value in values.items():
+        if isinstance(value, list | tuple):
+            value = ",".join(str(item) for item in value)
+        env[name.upper()] = str(value).lower() if isinstance(value, bool) else str(value)
+    return env
+
+
+@pytest.fixture
+def spawn_server(
+    mongo_uri: str, db_name: str, mongo_client: MongoClient[dict[str, Any]], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Callable[..., ServerProcess]]:
+    """Start the app in a process of its own on this test's database: `spawn_server(**setting_overrides)`.
+
+    Lower-case keys are settings (as for `start_server`); upper-case keys are
+    passed as they are (a plugin's variables, e.g. `ECHO_DELAY_MS`).
+    """
+    started: list[ServerProcess] = []
+
+    def spawn(**overrides: Any) -> ServerProcess:
+        values = {**TEST_DEFAULTS, "mongo_uri": mongo_uri, "db_name": db_name}
+        values.update({key: value for key, value in overrides.items() if key.islower()})
+        env = settings_env(values)
+        env.update({key: str(value) for key, value in overrides.items() if not key.islower()})
+        process = ServerProcess(env, cwd=tmp_path_factory.mktemp("server"))
+        started.append(process)
+        return process.start()
+
+    yield spawn
+    for process in started:
+        process.stop()
+    mongo_client.drop_database(db_name)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
+import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
@@ -51,6 +54,56 @@ class LiveServer:
         self.thread.join(timeout=30)
 
     def __enter__(self) -> LiveServer:
+        return self.start()
+
+    def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
+        self.stop()
+
+
+class ServerProcess:
+    """The production ASGI app (`innova_server.asgi:app`) under uvicorn, in a process of its own.
+
+    For what a thread cannot show: a second host on the same database, or a
+    worker killed mid-reply (`kill()` is SIGKILL: no shutdown code runs).
+    Configured only by `env`, as in production; `cwd` should hold no `.env`.
+    """
+
+    def __init__(self, env: Mapping[str, str], *, cwd: Path, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.cwd = cwd
+        self.env = {**os.environ, **env}
+        self.log = cwd / f"server-{self.port}.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 60.0) -> ServerProcess:
+        command = [
+            sys.executable, "-m", "uvicorn", "innova_server.asgi:app",
+            "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning", "--no-access-log",
+        ]  # fmt: skip
+        with self.log.open("ab") as log:
+            self.process = subprocess.Popen(command, env=self.env, cwd=self.cwd, stdout=log, stderr=subprocess.STDOUT)
+        wait_until_healthy(self.url, process=self.process, timeout=timeout, log=self.log)
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL, as the kernel's OOM killer or a crash would: nothing is cleaned up."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(10)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def __enter__(self) -> ServerProcess:
         return self.start()
 
     def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
