@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from innova_server import metrics
+from innova_server.auth.erasure import AccountEraser
 from innova_server.auth.passwords import Passwords
 from innova_server.auth.store import EmailTaken, SessionStore, UserRecord, UserStore
 from innova_server.auth.tokens import hash_token, is_well_formed, new_token
@@ -37,18 +38,20 @@ class AuthManager:
         sessions: SessionStore,
         passwords: Passwords,
         limiter: RateLimiter,
+        eraser: AccountEraser,
     ) -> None:
         self.settings = settings
         self.users = users
         self.sessions = sessions
         self.passwords = passwords
         self.limiter = limiter
+        self.eraser = eraser
 
     @property
     def session_ttl(self) -> timedelta:
         return timedelta(days=self.settings.session_ttl_days)
 
-    async def _open_session(self, user: UserRecord, client: ClientInfo) -> NewSession:
+    async def open_session(self, user: UserRecord, client: ClientInfo) -> NewSession:
         token = new_token()
         await self.sessions.create(
             hash_token(token),
@@ -70,9 +73,17 @@ class AuthManager:
         try:
             user = await self.users.create(email, name, password_hash)
         except EmailTaken:
-            raise AppError(ErrorCode.EMAIL_TAKEN) from None
+            # The address may still be held by an account whose deletion was
+            # interrupted: finish that deletion, then the address is free.
+            pending = await self.users.being_deleted(email)
+            if pending is None or not await self.eraser.finish(pending):
+                raise AppError(ErrorCode.EMAIL_TAKEN) from None
+            try:
+                user = await self.users.create(email, name, password_hash)
+            except EmailTaken:
+                raise AppError(ErrorCode.EMAIL_TAKEN) from None
         log.info("account created user_id=%s", user.id)
-        return await self._open_session(user, client)
+        return await self.open_session(user, client)
 
     async def login(self, email: str, password: str, client: ClientInfo, current_token: str | None) -> NewSession:
         # Reserve one failure in each window first; a success gives it back.
@@ -101,7 +112,7 @@ class AuthManager:
         if is_well_formed(current_token):
             assert current_token is not None
             await self.sessions.delete(hash_token(current_token))  # rotation
-        session = await self._open_session(user, client)
+        session = await self.open_session(user, client)
         # argon2 took a while: a reset may have changed the password (and
         # deleted every session) since `user` was read. Checked after the
         # insert, so either the reset's delete sees this session or this read
@@ -112,6 +123,31 @@ class AuthManager:
             log.info("login raced a password reset user_id=%s; session withdrawn", user.id)
             raise AppError(ErrorCode.INVALID_CREDENTIALS)
         return session
+
+    async def reauthenticate(self, user: UserRecord, password: str, client: ClientInfo) -> None:
+        """Check the signed-in user's password before a sensitive change (OWASP re-authentication).
+
+        Counted exactly like a login for that account, against the same windows
+        (per address and per IP), so a stolen session cannot guess the password
+        here faster than at /auth/login. Wrong: 403 `wrong_password`.
+        """
+        by_email = await self.limiter.consume(
+            "login_email", limit_key("login:email", user.email), self.settings.rate_limit_login_email
+        )
+        try:
+            by_ip = await self.limiter.consume(
+                "login_ip", limit_key("login:ip", client.ip), self.settings.rate_limit_login_ip
+            )
+        except AppError:
+            await self.limiter.refund(by_email)
+            raise
+        checked = await self.passwords.verify(user.password_hash, password)
+        if not checked.ok:
+            metrics.LOGIN_FAILURES.inc()
+            metrics.ACCOUNT_EVENTS.labels("wrong_password").inc()
+            log.info("wrong current password user_id=%s", user.id)
+            raise AppError(ErrorCode.WRONG_PASSWORD)
+        await self.limiter.refund(by_email, by_ip)
 
     async def logout(self, token: str | None) -> None:
         if is_well_formed(token):

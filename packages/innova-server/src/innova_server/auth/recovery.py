@@ -123,7 +123,7 @@ class RecoveryManager:
             }
         )
         log.info("password reset token issued user_id=%s", user.id)
-        message = reset_mail(self.settings, to=user.email, token=token, name=user.name, now=now)
+        message = reset_mail(self.settings, to=user.email, token=token, name=user.mail_name, now=now)
         await self.deliver("password_reset", message, user_id=user.id)
 
     # -- reset -----------------------------------------------------------
@@ -160,13 +160,17 @@ class RecoveryManager:
         # Sessions of the new epoch (a login with the new password, just now) stay.
         revoked = await self.sessions.delete_all(user_id, except_epoch=epoch)
         # Any other link mailed earlier dies with this one.
-        await self.tokens.update_many(
-            {"user_id": ObjectId(user_id), "used": False}, {"$set": {"used": True, "used_at": now}}
-        )
+        await self.void_links(user_id)
         metrics.PASSWORD_RESETS.labels("ok").inc()
         log.info("password reset done user_id=%s sessions_revoked=%d", user_id, revoked)
-        notice = password_changed_mail(self.settings, to=user.email, name=user.name, now=now)
+        notice = password_changed_mail(self.settings, to=user.email, name=user.mail_name, now=now)
         self.tasks.spawn("password_changed_mail", self.deliver("password_changed", notice, user_id=user_id))
+
+    async def void_links(self, user_id: str) -> None:
+        """Every pending reset link of the user dies: the password they were meant to replace is gone."""
+        await self.tokens.update_many(
+            {"user_id": ObjectId(user_id), "used": False}, {"$set": {"used": True, "used_at": utcnow()}}
+        )
 
     @staticmethod
     def _invalid() -> NoReturn:
