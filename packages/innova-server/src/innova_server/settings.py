@@ -117,6 +117,8 @@ class Settings(PluginSettings):
     verify_token_ttl_hours: int = Field(24, ge=1, le=720)
     # When true, /chatlaya/* refuses accounts whose address is not verified yet.
     require_verified_email: bool = False
+    # Per-IP rate limits key an IPv6 client by this prefix (one allocation is a /64).
+    rate_limit_ipv6_prefix: int = Field(64, ge=32, le=128)
     trusted_proxies: CommaList = Field(default_factory=lambda: ["127.0.0.1", "::1"])
     max_body_bytes: int = Field(512 * 1024, ge=1024)
 

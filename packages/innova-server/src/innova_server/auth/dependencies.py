@@ -10,7 +10,7 @@ from innova_server.auth.cookies import read_session_cookie
 from innova_server.auth.manager import ClientInfo
 from innova_server.auth.store import UserRecord
 from innova_server.errors import AppError, ErrorCode
-from innova_server.netutil import client_ip
+from innova_server.netutil import client_ip, rate_limit_subject
 from innova_server.services import Services
 
 # Every dependency is `async def`: FastAPI runs a plain `def` one in anyio's
@@ -26,9 +26,11 @@ ServicesDep = Annotated[Services, Depends(get_services)]
 
 
 async def get_client(request: Request, services: ServicesDep) -> ClientInfo:
+    ip = client_ip(request, services.settings.trusted_proxies)
     return ClientInfo(
-        ip=client_ip(request, services.settings.trusted_proxies),
+        ip=ip,
         user_agent=request.headers.get("user-agent"),
+        network=rate_limit_subject(ip, services.settings.rate_limit_ipv6_prefix),
     )
 
 

@@ -22,6 +22,12 @@ log = logging.getLogger("innova.auth")
 class ClientInfo:
     ip: str
     user_agent: str | None
+    # What per-IP rate limits count: the address, or its network for IPv6 (see `netutil.rate_limit_subject`).
+    network: str | None = None
+
+    @property
+    def limit_ip(self) -> str:
+        return self.network or self.ip
 
 
 @dataclass(frozen=True)
@@ -65,7 +71,7 @@ class AuthManager:
 
     async def register(self, email: str, password: str, name: str | None, client: ClientInfo) -> NewSession:
         await self.limiter.consume(
-            "register_ip", limit_key("register:ip", client.ip), self.settings.rate_limit_register_ip
+            "register_ip", limit_key("register:ip", client.limit_ip), self.settings.rate_limit_register_ip
         )
         # Hash before touching the database: the unique index, not a lookup,
         # decides between two concurrent registrations of one address.
@@ -92,7 +98,7 @@ class AuthManager:
         )
         try:
             by_ip = await self.limiter.consume(
-                "login_ip", limit_key("login:ip", client.ip), self.settings.rate_limit_login_ip
+                "login_ip", limit_key("login:ip", client.limit_ip), self.settings.rate_limit_login_ip
             )
         except AppError:
             # Refused by the IP window before any check: the address's window
@@ -136,7 +142,7 @@ class AuthManager:
         )
         try:
             by_ip = await self.limiter.consume(
-                "login_ip", limit_key("login:ip", client.ip), self.settings.rate_limit_login_ip
+                "login_ip", limit_key("login:ip", client.limit_ip), self.settings.rate_limit_login_ip
             )
         except AppError:
             await self.limiter.refund(by_email)

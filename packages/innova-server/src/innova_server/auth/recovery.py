@@ -98,7 +98,9 @@ class RecoveryManager:
 
     async def forgot(self, email: str, client: ClientInfo) -> None:
         """Count the request against both limits, then do the rest in the background."""
-        await self.limiter.consume("forgot_ip", limit_key("forgot:ip", client.ip), self.settings.rate_limit_forgot_ip)
+        await self.limiter.consume(
+            "forgot_ip", limit_key("forgot:ip", client.limit_ip), self.settings.rate_limit_forgot_ip
+        )
         await self.limiter.consume(
             "forgot_email", limit_key("forgot:email", email), self.settings.rate_limit_forgot_email
         )
