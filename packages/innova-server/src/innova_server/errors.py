@@ -29,6 +29,7 @@ log = logging.getLogger("innova.errors")
 class ErrorCode(StrEnum):
     EMAIL_TAKEN = "email_taken"
     INVALID_CREDENTIALS = "invalid_credentials"
+    ACCOUNT_DISABLED = "account_disabled"
     NOT_AUTHENTICATED = "not_authenticated"
     INVALID_TOKEN = "invalid_token"  # noqa: S105 - an error code, not a secret
     CSRF_ORIGIN = "csrf_origin"
@@ -60,6 +61,7 @@ class ErrorCode(StrEnum):
 HTTP_STATUS: dict[ErrorCode, tuple[int, str]] = {
     ErrorCode.EMAIL_TAKEN: (409, "An account already exists for this email."),
     ErrorCode.INVALID_CREDENTIALS: (401, "Invalid email or password."),
+    ErrorCode.ACCOUNT_DISABLED: (403, "This account is disabled; contact the support."),
     ErrorCode.NOT_AUTHENTICATED: (401, "Not authenticated."),
     ErrorCode.INVALID_TOKEN: (400, "This link is invalid, already used or expired."),
     ErrorCode.CSRF_ORIGIN: (403, "Cross-site request refused: origin not allowed."),

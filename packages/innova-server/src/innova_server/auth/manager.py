@@ -111,6 +111,10 @@ class AuthManager:
             metrics.LOGIN_FAILURES.inc()
             raise AppError(ErrorCode.INVALID_CREDENTIALS)
         await self.limiter.refund(by_email, by_ip)
+        if user.disabled_at is not None:
+            # Only with the right password: a wrong one stays `invalid_credentials`, so
+            # whether an account is disabled is never revealed to someone without it.
+            raise AppError(ErrorCode.ACCOUNT_DISABLED)
         if checked.needs_rehash:
             new_hash = await self.passwords.hash(password)
             if await self.users.upgrade_password_hash(user.id, user.password_hash, new_hash):

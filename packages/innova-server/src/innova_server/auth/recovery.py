@@ -112,6 +112,9 @@ class RecoveryManager:
         if user is None:
             log.info("password reset requested for an address without an account")
             return
+        if user.disabled_at is not None:
+            log.info("password reset requested for a disabled account user_id=%s: nothing sent", user.id)
+            return
         token = new_token()
         now = utcnow()
         await self.tokens.insert_one(
@@ -141,7 +144,7 @@ class RecoveryManager:
             self._invalid()
         user_id = str(pending["user_id"])
         user = await self.users.by_id(user_id)
-        if user is None:  # account deleted since the link was sent
+        if user is None or user.disabled_at is not None:  # deleted or disabled since the link was sent
             self._invalid()
         # Hash before consuming: if this fails, the link still works.
         password_hash = await self.passwords.hash(password)

@@ -36,6 +36,8 @@ class UserRecord:
     auth_epoch: int = 0
     # Accounts created before verification existed count as unverified.
     email_verified: bool = False
+    # Set by an operator (`innova users disable`): no session, login or reset until enabled.
+    disabled_at: datetime | None = None
 
     @property
     def mail_name(self) -> str | None:
@@ -53,6 +55,7 @@ class UserRecord:
             created_at=doc["created_at"],
             auth_epoch=int(doc.get("auth_epoch") or 0),
             email_verified=bool(doc.get("email_verified")),
+            disabled_at=doc.get("disabled_at"),
         )
 
 
@@ -197,14 +200,14 @@ class SessionStore:
         Expiry is checked here too: MongoDB's TTL monitor only runs once a minute.
         So is the auth epoch: a session opened before the user's last password
         reset (a login that raced the reset) is dead even if it was not deleted.
-        And an account being deleted has no valid session at all.
+        And an account being deleted, or disabled, has no valid session at all.
         """
         pipeline: list[dict[str, Any]] = [
             {"$match": {"token_hash": token_hash, "expires_at": {"$gt": utcnow()}}},
             {"$limit": 1},
             {"$lookup": {"from": "users", "localField": "user_id", "foreignField": "_id", "as": "user"}},
             {"$unwind": "$user"},
-            {"$match": {"user.deleting_at": None}},
+            {"$match": {"user.deleting_at": None, "user.disabled_at": None}},
             {"$match": {"$expr": {"$eq": [{"$ifNull": ["$auth_epoch", 0]}, {"$ifNull": ["$user.auth_epoch", 0]}]}}},
             {"$replaceRoot": {"newRoot": "$user"}},
         ]
