@@ -36,6 +36,11 @@ INDEXES: dict[str, list[IndexModel]] = {
         IndexModel([("user_id", ASCENDING)], name="user_id"),
     ],
     # Email verification links; same shape and rules as the reset links.
+    "devices": [
+        IndexModel([("token_hash", ASCENDING), ("user_id", ASCENDING)], unique=True, name="token_user_unique"),
+        IndexModel([("expires_at", ASCENDING)], expireAfterSeconds=0, name="expires_at_ttl"),
+        IndexModel([("user_id", ASCENDING)], name="user_id"),
+    ],
     "verify_tokens": [
         IndexModel([("token_hash", ASCENDING)], unique=True, name="token_hash_unique"),
         IndexModel([("expires_at", ASCENDING)], expireAfterSeconds=0, name="expires_at_ttl"),
@@ -123,6 +128,10 @@ class Database:
     @property
     def password_reset_tokens(self) -> AsyncCollection[Document]:
         return self.db["password_reset_tokens"]
+
+    @property
+    def devices(self) -> AsyncCollection[Document]:
+        return self.db["devices"]
 
     @property
     def verify_tokens(self) -> AsyncCollection[Document]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from innova_server.auth.account import AccountManager
+from innova_server.auth.devices import DeviceStore
 from innova_server.auth.erasure import AccountEraser
 from innova_server.auth.manager import AuthManager
 from innova_server.auth.passwords import Passwords
@@ -68,7 +69,7 @@ def build_services(settings: Settings, plugins: PluginRegistry, mongo_uri: str) 
     )
     users, sessions = UserStore(db), SessionStore(db)
     eraser = AccountEraser(db)
-    auth = AuthManager(settings, users, sessions, passwords, limiter, eraser)
+    auth = AuthManager(settings, users, sessions, passwords, limiter, eraser, DeviceStore(db))
     tasks = BackgroundTasks()
     recovery = RecoveryManager(settings, db, users, sessions, passwords, limiter, mailer, tasks)
     account = AccountManager(settings, db, users, sessions, auth, recovery, eraser, limiter, tasks)

@@ -129,6 +129,8 @@ class Settings(PluginSettings):
 
     rate_limit_login_email: Limit = RateLimit(10, 900)
     rate_limit_login_ip: Limit = RateLimit(50, 900)
+    # Failed logins from a browser holding a device cookie for that account (instead of the two above).
+    rate_limit_login_device: Limit = RateLimit(10, 900)
     rate_limit_register_ip: Limit = RateLimit(10, 3600)
     rate_limit_forgot_email: Limit = RateLimit(5, 3600)
     rate_limit_forgot_ip: Limit = RateLimit(20, 3600)
@@ -183,6 +185,7 @@ class Settings(PluginSettings):
     @field_validator(
         "rate_limit_login_email",
         "rate_limit_login_ip",
+        "rate_limit_login_device",
         "rate_limit_register_ip",
         "rate_limit_forgot_email",
         "rate_limit_forgot_ip",

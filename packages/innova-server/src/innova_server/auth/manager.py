@@ -7,12 +7,13 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from innova_server import metrics
+from innova_server.auth.devices import DeviceStore
 from innova_server.auth.erasure import AccountEraser
 from innova_server.auth.passwords import Passwords
 from innova_server.auth.store import EmailTaken, SessionStore, UserRecord, UserStore
 from innova_server.auth.tokens import hash_token, is_well_formed, new_token
 from innova_server.errors import AppError, ErrorCode
-from innova_server.ratelimit import RateLimiter, limit_key
+from innova_server.ratelimit import Hit, RateLimiter, limit_key
 from innova_server.settings import Settings
 
 log = logging.getLogger("innova.auth")
@@ -34,6 +35,8 @@ class ClientInfo:
 class NewSession:
     user: UserRecord
     token: str
+    # Set on a login: the device cookie to (re)send (`auth.devices`).
+    device_token: str | None = None
 
 
 class AuthManager:
@@ -45,6 +48,7 @@ class AuthManager:
         passwords: Passwords,
         limiter: RateLimiter,
         eraser: AccountEraser,
+        devices: DeviceStore,
     ) -> None:
         self.settings = settings
         self.users = users
@@ -52,6 +56,7 @@ class AuthManager:
         self.passwords = passwords
         self.limiter = limiter
         self.eraser = eraser
+        self.devices = devices
 
     @property
     def session_ttl(self) -> timedelta:
@@ -91,26 +96,33 @@ class AuthManager:
         log.info("account created user_id=%s", user.id)
         return await self.open_session(user, client)
 
-    async def login(self, email: str, password: str, client: ClientInfo, current_token: str | None) -> NewSession:
-        # Reserve one failure in each window first; a success gives it back.
-        by_email = await self.limiter.consume(
-            "login_email", limit_key("login:email", email), self.settings.rate_limit_login_email
-        )
-        try:
-            by_ip = await self.limiter.consume(
-                "login_ip", limit_key("login:ip", client.limit_ip), self.settings.rate_limit_login_ip
-            )
-        except AppError:
-            # Refused by the IP window before any check: the address's window
-            # must not pay for it (or one noisy IP could lock a victim out).
-            await self.limiter.refund(by_email)
-            raise
+    async def login(
+        self,
+        email: str,
+        password: str,
+        client: ClientInfo,
+        current_token: str | None,
+        device_token: str | None = None,
+    ) -> NewSession:
+        """Check the password and open a session; failures are limited per address and per IP, or —
+        for a browser holding a device cookie of that account — per device (`auth.devices`)."""
         user = await self.users.by_email(email)
+        trusted = user is not None and await self.devices.trusted(device_token, user.id)
+        # Reserve one failure in each window first; a success gives it back.
+        if trusted:
+            assert device_token is not None
+            windows = [
+                await self.limiter.consume(
+                    "login_device", limit_key("login:device", device_token), self.settings.rate_limit_login_device
+                )
+            ]
+        else:
+            windows = await self._reserve_login_failure(email, client)
         checked = await self.passwords.verify(user.password_hash if user else None, password)
         if user is None or not checked.ok:
             metrics.LOGIN_FAILURES.inc()
             raise AppError(ErrorCode.INVALID_CREDENTIALS)
-        await self.limiter.refund(by_email, by_ip)
+        await self.limiter.refund(*windows)
         if user.disabled_at is not None:
             # Only with the right password: a wrong one stays `invalid_credentials`, so
             # whether an account is disabled is never revealed to someone without it.
@@ -132,7 +144,23 @@ class AuthManager:
             metrics.LOGIN_FAILURES.inc()
             log.info("login raced a password reset user_id=%s; session withdrawn", user.id)
             raise AppError(ErrorCode.INVALID_CREDENTIALS)
-        return session
+        device = await self.devices.remember(device_token if trusted else None, user.id)
+        return NewSession(session.user, session.token, device)
+
+    async def _reserve_login_failure(self, email: str, client: ClientInfo) -> list[Hit]:
+        by_email = await self.limiter.consume(
+            "login_email", limit_key("login:email", email), self.settings.rate_limit_login_email
+        )
+        try:
+            by_ip = await self.limiter.consume(
+                "login_ip", limit_key("login:ip", client.limit_ip), self.settings.rate_limit_login_ip
+            )
+        except AppError:
+            # Refused by the IP window before any check: the address's window
+            # must not pay for it (or one noisy IP could lock a victim out).
+            await self.limiter.refund(by_email)
+            raise
+        return [by_email, by_ip]
 
     async def reauthenticate(self, user: UserRecord, password: str, client: ClientInfo) -> None:
         """Check the signed-in user's password before a sensitive change (OWASP re-authentication).

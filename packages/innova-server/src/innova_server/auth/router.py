@@ -11,6 +11,7 @@ from fastapi.responses import StreamingResponse
 
 from innova_server.auth.cookies import clear_session_cookie, read_session_cookie, set_session_cookie
 from innova_server.auth.dependencies import ClientDep, CurrentUser, ServicesDep
+from innova_server.auth.devices import read_device_cookie, set_device_cookie
 from innova_server.auth.recovery import FORGOT_ACCEPTED, RESET_DONE
 from innova_server.auth.schemas import (
     DetailOut,
@@ -63,8 +64,12 @@ async def register(body: RegisterIn, response: Response, services: ServicesDep, 
 async def login(
     body: LoginIn, request: Request, response: Response, services: ServicesDep, client: ClientDep
 ) -> UserEnvelope:
-    session = await services.auth.login(body.email, body.password, client, read_session_cookie(request))
+    session = await services.auth.login(
+        body.email, body.password, client, read_session_cookie(request), read_device_cookie(request)
+    )
     set_session_cookie(response, session.token, services.settings)
+    if session.device_token is not None:
+        set_device_cookie(response, session.device_token, services.settings)
     return user_out(session.user)
 
 
