@@ -172,7 +172,9 @@ def test_a_full_queue_answers_503_provider_busy_with_retry_after(
 def test_a_disconnect_stops_the_generation_and_the_next_request_starts_at_once(
     local_server: Callable[..., Any], db: Any
 ) -> None:
-    server = local_server(chat_max_tokens=400)
+    # CHAT_DETACHED_TIMEOUT_SECONDS=0: a reply stops as soon as its client leaves
+    # (by default it would go on for a minute, for a client coming back).
+    server = local_server(chat_max_tokens=400, chat_detached_timeout_seconds=0)
     provider = provider_of(server)
     with signed_in(server.url) as client:
         with connect_sse(client, "POST", "/chatlaya/message", json={"content": LONG}) as source:
