@@ -20,7 +20,7 @@ import pytest
 from .conftest import DEPLOY, free_port
 
 # A tiny ufw: keeps its rules, defaults and state in files, answers
-# `show added` like the real one, and logs every call.
+# `show added` like the real one (`ufw allow 22/tcp comment 'x'`), and logs every call.
 FAKE_UFW = r"""#!/usr/bin/env bash
 set -euo pipefail
 state=${FAKE_UFW_STATE:?}
@@ -28,15 +28,21 @@ mkdir -p "$state"; touch "$state/rules" "$state/calls"
 echo "$*" >> "$state/calls"
 args=("$@")
 [[ ${args[0]} == --force ]] && args=("${args[@]:1}")
+same() { grep -- "^ufw $1 $2\( comment .*\)\?$" "$state/rules" || true; }
 case ${args[0]} in
   default) echo "${args[2]} ${args[1]}" >> "$state/defaults" ;;
   allow|deny|limit)
-    rule="ufw ${args[*]}"
-    if grep -qxF "$rule" "$state/rules"; then echo "Skipping adding existing rule"
+    rule="ufw ${args[0]} ${args[1]}"
+    [[ ${args[2]:-} == comment ]] && rule="$rule comment '${args[3]}'"
+    existing=$(same "${args[0]}" "${args[1]}")
+    if [[ $existing == "$rule" ]]; then echo "Skipping adding existing rule"
+    elif [[ -n $existing ]]; then  # real ufw: same rule, another comment -> the comment is updated
+      grep -vxF -- "$existing" "$state/rules" > "$state/rules.new" || true
+      echo "$rule" >> "$state/rules.new"; mv "$state/rules.new" "$state/rules"; echo "Rule updated"
     else echo "$rule" >> "$state/rules"; echo "Rule added"; fi ;;
-  delete)
-    rule="ufw ${args[*]:1}"
-    grep -vxF "$rule" "$state/rules" > "$state/rules.new" || true
+  delete)  # matches the rule whatever its comment, as real ufw does
+    existing=$(same "${args[1]}" "${args[2]}")
+    grep -vxF -- "$existing" "$state/rules" > "$state/rules.new" || true
     mv "$state/rules.new" "$state/rules"; echo "Rule deleted" ;;
   show) echo "Added user rules (see 'ufw status' for running firewall):"; cat "$state/rules" ;;
   enable) echo active > "$state/status" ;;
@@ -45,39 +51,138 @@ case ${args[0]} in
 esac
 """
 
+# `sshd -T` prints the effective configuration, one `keyword value` per line.
+FAKE_SSHD = r"""#!/usr/bin/env bash
+[[ $1 == -T ]] || exit 2
+[[ -n ${FAKE_SSHD_FAIL:-} ]] && { echo "sshd: no hostkeys available -- exiting." >&2; exit 1; }
+echo "port ${FAKE_SSHD_PORT:-22}"
+echo "addressfamily any"
+echo "listenaddress [::]:${FAKE_SSHD_PORT:-22}"
+echo "listenaddress 0.0.0.0:${FAKE_SSHD_PORT:-22}"
+echo "permitrootlogin without-password"
+"""
 
-def run_ufw(fake_bin: Callable[[str, str], Path], tmp_path: Path, defaults: Path) -> subprocess.CompletedProcess[str]:
+# `ss -H -tlnp` as it prints on Debian 12.
+FAKE_SS = r"""#!/usr/bin/env bash
+p=${FAKE_SS_PORT:-22}
+echo 'LISTEN 0      511          0.0.0.0:80         0.0.0.0:*    users:(("nginx",pid=700,fd=6))'
+echo "LISTEN 0      128          0.0.0.0:$p       0.0.0.0:*    users:((\"sshd\",pid=612,fd=3))"
+echo 'LISTEN 0      4096       127.0.0.1:8000       0.0.0.0:*    users:(("gunicorn",pid=801,fd=5))'
+echo "LISTEN 0      128             [::]:$p          [::]:*    users:((\"sshd\",pid=612,fd=4))"
+"""
+
+OURS = "comment 'innovaplus'"
+
+
+def run_ufw(
+    fake_bin: Callable[[str, str], Path], tmp_path: Path, defaults: Path, **extra: str
+) -> subprocess.CompletedProcess[str]:
     ufw = fake_bin("ufw", FAKE_UFW)
-    env = {**os.environ, "UFW": str(ufw), "UFW_DEFAULTS": str(defaults), "FAKE_UFW_STATE": str(tmp_path / "ufw")}
+    sshd = fake_bin("sshd", FAKE_SSHD)
+    ss = fake_bin("ss", FAKE_SS)
+    env = {
+        **{k: v for k, v in os.environ.items() if k != "SSH_PORTS"},
+        "UFW": str(ufw),
+        "SSHD": str(sshd),
+        "SS": str(ss),
+        "UFW_DEFAULTS": str(defaults),
+        "FAKE_UFW_STATE": str(tmp_path / "ufw"),
+        **extra,
+    }
     return subprocess.run(
         ["bash", str(DEPLOY / "firewall" / "ufw.sh")], capture_output=True, text=True, env=env, timeout=60
     )
 
 
-def test_ufw_opens_only_22_80_443_and_converges(fake_bin: Callable[[str, str], Path], tmp_path: Path) -> None:
+def _ufw_state(tmp_path: Path, rules: str = "") -> tuple[Path, Path]:
     defaults = tmp_path / "default-ufw"
     defaults.write_text('IPV6=no\nDEFAULT_INPUT_POLICY="DROP"\n')
     state = tmp_path / "ufw"
     state.mkdir()
-    # Leftovers from before: a backend port opened by hand, and SSH already there.
-    (state / "rules").write_text("ufw allow 8000/tcp\nufw allow 22/tcp\nufw allow 27017\n")
+    (state / "rules").write_text(rules)
+    return defaults, state
+
+
+def test_ufw_opens_ssh_80_443_keeps_foreign_rules_and_converges(
+    fake_bin: Callable[[str, str], Path], tmp_path: Path
+) -> None:
+    # Leftovers from before: a backend port opened by hand, a monitoring rule: not ours, kept.
+    defaults, state = _ufw_state(tmp_path, "ufw allow 8000/tcp\nufw allow from 10.0.0.5 to any port 9100 proto tcp\n")
 
     first = run_ufw(fake_bin, tmp_path, defaults)
     assert first.returncode == 0, first.stderr
-    assert (state / "rules").read_text().splitlines() == ["ufw allow 22/tcp", "ufw allow 80/tcp", "ufw allow 443/tcp"]
+    rules = (state / "rules").read_text().splitlines()
+    assert rules == [
+        "ufw allow 8000/tcp",
+        "ufw allow from 10.0.0.5 to any port 9100 proto tcp",
+        f"ufw allow 22/tcp {OURS}",
+        f"ufw allow 80/tcp {OURS}",
+        f"ufw allow 443/tcp {OURS}",
+    ]
+    assert "SSH listens on 22 (from sshd -T)" in first.stdout
+    assert "not made by this script (kept" in first.stdout and "8000/tcp" in first.stdout
     assert "IPV6=yes" in defaults.read_text()  # rules apply to IPv4 and IPv6
     assert "incoming deny" in (state / "defaults").read_text()
     assert (state / "status").read_text().strip() == "active"
     calls = (state / "calls").read_text().splitlines()
-    assert calls.index("allow 22/tcp") < calls.index("--force enable")  # SSH before enabling
+    assert calls.index("allow 22/tcp comment innovaplus") < calls.index("--force enable")  # SSH before enabling
+    assert not [c for c in calls if "delete" in c]  # never another's rule
 
     # Idempotent: a second run changes nothing and deletes nothing.
     (state / "calls").write_text("")
     second = run_ufw(fake_bin, tmp_path, defaults)
     assert second.returncode == 0, second.stderr
-    assert (state / "rules").read_text().splitlines() == ["ufw allow 22/tcp", "ufw allow 80/tcp", "ufw allow 443/tcp"]
+    assert (state / "rules").read_text().splitlines() == rules
     assert not [c for c in (state / "calls").read_text().splitlines() if "delete" in c]
     assert defaults.read_text().count("IPV6=") == 1
+
+
+def test_ufw_keeps_ssh_on_the_port_sshd_really_uses(fake_bin: Callable[[str, str], Path], tmp_path: Path) -> None:
+    """SSH on 2222: 2222 is opened before enabling, 22 is not opened at all."""
+    defaults, state = _ufw_state(tmp_path)
+    result = run_ufw(fake_bin, tmp_path, defaults, FAKE_SSHD_PORT="2222")
+    assert result.returncode == 0, result.stderr
+    rules = (state / "rules").read_text().splitlines()
+    assert rules == [f"ufw allow 2222/tcp {OURS}", f"ufw allow 80/tcp {OURS}", f"ufw allow 443/tcp {OURS}"]
+    calls = (state / "calls").read_text().splitlines()
+    assert calls.index("allow 2222/tcp comment innovaplus") < calls.index("--force enable")
+
+
+def test_ufw_moves_its_own_ssh_rule_after_sshd_moves(fake_bin: Callable[[str, str], Path], tmp_path: Path) -> None:
+    """Our old 22 rule goes once 2222 is allowed; rules of someone else's stay."""
+    defaults, state = _ufw_state(tmp_path, f"ufw allow 22/tcp {OURS}\nufw allow 5432/tcp comment 'db'\n")
+    result = run_ufw(fake_bin, tmp_path, defaults, FAKE_SSHD_PORT="2222")
+    assert result.returncode == 0, result.stderr
+    rules = (state / "rules").read_text().splitlines()
+    assert f"ufw allow 22/tcp {OURS}" not in rules
+    assert "ufw allow 5432/tcp comment 'db'" in rules
+    assert f"ufw allow 2222/tcp {OURS}" in rules
+    calls = (state / "calls").read_text().splitlines()
+    assert calls.index("allow 2222/tcp comment innovaplus") < calls.index("--force delete allow 22/tcp")
+
+
+def test_ufw_falls_back_to_sshds_listening_socket(fake_bin: Callable[[str, str], Path], tmp_path: Path) -> None:
+    defaults, state = _ufw_state(tmp_path)
+    result = run_ufw(fake_bin, tmp_path, defaults, FAKE_SSHD_FAIL="1", FAKE_SS_PORT="2200")
+    assert result.returncode == 0, result.stderr
+    assert "SSH listens on 2200 (from ss" in result.stdout
+    assert f"ufw allow 2200/tcp {OURS}" in (state / "rules").read_text().splitlines()
+
+
+def test_ufw_changes_nothing_when_it_cannot_find_the_ssh_port(
+    fake_bin: Callable[[str, str], Path], tmp_path: Path
+) -> None:
+    defaults, state = _ufw_state(tmp_path)
+    no_ss = fake_bin("ss-none", "#!/usr/bin/env bash\nexit 0\n")
+    result = run_ufw(fake_bin, tmp_path, defaults, FAKE_SSHD_FAIL="1", SS=str(no_ss))
+    assert result.returncode == 1
+    assert "SSH_PORTS=22" in result.stderr and "Nothing was changed" in result.stderr
+    assert (state / "rules").read_text() == ""
+    assert not (state / "calls").exists()
+    # ...and the operator's explicit answer is used.
+    given = run_ufw(fake_bin, tmp_path, defaults, FAKE_SSHD_FAIL="1", SS=str(no_ss), SSH_PORTS="2022")
+    assert given.returncode == 0, given.stderr
+    assert f"ufw allow 2022/tcp {OURS}" in (state / "rules").read_text().splitlines()
 
 
 FAKE_MONGODUMP = r"""#!/usr/bin/env bash
