@@ -13,6 +13,7 @@ Everything comes from the environment (systemd's EnvironmentFile
   least 2). Workers are asynchronous (uvicorn): one per core is enough;
   each argon2 hash needs ARGON2_MEMORY_COST KiB of RAM while it runs.
 - GUNICORN_TIMEOUT, GUNICORN_GRACEFUL_TIMEOUT, GUNICORN_KEEPALIVE: see below.
+- TRUSTED_PROXIES: who may set X-Forwarded-For/-Proto (forwarded_allow_ips).
 - PROMETHEUS_MULTIPROC_DIR: where the workers' metric files go; the unit sets
   it to /run/innovaplus-backend. Without it a private temporary directory is
   made. Either way it is emptied when gunicorn starts.
@@ -23,9 +24,15 @@ Command-line options override this file (the tests use `--bind`).
 from __future__ import annotations
 
 import glob
+import logging
 import os
 import shutil
+import sys
 import tempfile
+
+from gunicorn import glogging
+
+from innova_server.logconfig import formatter_for
 
 
 def _int(name: str, default: int) -> int:
@@ -70,15 +77,32 @@ graceful_timeout = _int("GUNICORN_GRACEFUL_TIMEOUT", 30)
 keepalive = _int("GUNICORN_KEEPALIVE", 75)
 
 # -- proxy ------------------------------------------------------------------------
-# X-Forwarded-For / X-Forwarded-Proto are believed only from nginx on
-# loopback (the app applies the same rule with TRUSTED_PROXIES).
-forwarded_allow_ips = "127.0.0.1,::1"
+# X-Forwarded-For / X-Forwarded-Proto are believed only from the proxies in
+# TRUSTED_PROXIES (addresses or networks, comma-separated; default nginx on
+# loopback), the same list the app applies to the client address. On a host
+# behind nginx on another machine, that machine's private address goes there.
+forwarded_allow_ips = ",".join(
+    item.strip() for item in (os.environ.get("TRUSTED_PROXIES", "").strip() or "127.0.0.1,::1").split(",") if item.strip()
+)
 
 # -- logs: stdout/stderr, collected by journald -------------------------------------
 accesslog = "-"
 errorlog = "-"
 loglevel = os.environ.get("LOG_LEVEL", "info").lower()
 access_log_format = '%(h)s "%(r)s" %(s)s %(b)s %(M)sms "%(a)s"'
+
+
+class JournalLogger(glogging.Logger):  # type: ignore[misc]
+    """gunicorn's logger, its lines prefixed with their syslog priority (`<3>` ...)
+    when they go to journald, like the app's (innova_server.logconfig)."""
+
+    def _set_handler(self, log: object, output: str | None, fmt: logging.Formatter, stream: object = None) -> None:
+        if output == "-":
+            fmt = formatter_for(stream or sys.stderr, fmt._fmt, fmt.datefmt)  # type: ignore[arg-type]
+        super()._set_handler(log, output, fmt, stream)
+
+
+logger_class = JournalLogger
 # Worker heartbeat files in RAM (/dev/shm stays writable under ProtectSystem=strict).
 _SHM = "/dev/shm"  # noqa: S108 - gunicorn's documented choice, not a temp file name
 worker_tmp_dir = _SHM if os.path.isdir(_SHM) and os.access(_SHM, os.W_OK) else None

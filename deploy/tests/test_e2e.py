@@ -28,6 +28,8 @@ from innova_server.testing.server import wait_until_healthy
 
 from .conftest import (
     DEPLOY,
+    ECHO_DELAY_MS,
+    WORKERS,
     PUBLIC_NAME,
     SITE_CONF,
     TLSFiles,
@@ -36,12 +38,11 @@ from .conftest import (
     ipv6_loopback,
     render_nginx,
     require_tool,
+    start_gunicorn,
     stop_process,
     wait_for_port,
 )
 
-ECHO_DELAY_MS = 300
-WORKERS = 2
 
 
 @dataclass
@@ -72,51 +73,13 @@ class Stack:
         return "\n".join(parts)
 
 
-def _start_gunicorn(tmp: Path, mongo_uri: str, port: int, **extra_env: str) -> tuple[subprocess.Popen[bytes], Path]:
-    gunicorn = find_tool("gunicorn")
-    if gunicorn is None:
-        pytest.skip("gunicorn is not installed (pip install 'innova-server[production]')")
-    log = tmp / "gunicorn.log"
-    work = tmp / "cwd"  # no stray .env from the repository
-    work.mkdir()
-    keep = ("PATH", "PYTHONPATH", "LANG", "LC_ALL", "HOME", "TMPDIR", "SYSTEMROOT", "VIRTUAL_ENV")
-    env = {k: v for k, v in os.environ.items() if k in keep}
-    env.update(
-        ENV="development",
-        HOST="127.0.0.1",
-        PORT=str(port),  # gunicorn.conf.py builds its bind from HOST/PORT
-        WEB_CONCURRENCY=str(WORKERS),
-        MONGO_URI=mongo_uri,
-        DB_NAME=f"innova_e2e_{uuid.uuid4().hex[:10]}",
-        INNOVA_DATA_DIR=str(tmp / "data"),
-        PROVIDER="echo",
-        ECHO_DELAY_MS=str(ECHO_DELAY_MS),
-        MAILER="console",
-        ARGON2_TIME_COST="1",
-        ARGON2_MEMORY_COST="1024",
-        ARGON2_PARALLELISM="1",
-        LOG_LEVEL="info",
-        PYTHONUNBUFFERED="1",
-    )
-    env.update(extra_env)
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [gunicorn, "--config", str(DEPLOY / "gunicorn.conf.py")],
-            cwd=work,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    return process, log
-
-
 @pytest.fixture(scope="module")
 def stack(mongo_uri: str, test_ca: TLSFiles, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     nginx = require_tool("nginx", "Debian package nginx; `nox -s tests` installs it with apt-get when run as root")
     tmp = tmp_path_factory.mktemp("e2e")
     backend_port = free_port()
     db_name = f"innova_e2e_{uuid.uuid4().hex[:10]}"
-    gunicorn, gunicorn_log = _start_gunicorn(tmp, mongo_uri, backend_port, DB_NAME=db_name)
+    gunicorn, gunicorn_log = start_gunicorn(tmp, mongo_uri, backend_port, DB_NAME=db_name)
     nginx_process = None
     ipv6 = ipv6_loopback()
     layout = render_nginx(
@@ -310,7 +273,7 @@ def test_gunicorn_stops_gracefully(tmp_path: Path, mongo_uri: str) -> None:
     port = free_port()
     private_tmp = tmp_path / "tmp"
     private_tmp.mkdir()
-    process, log = _start_gunicorn(tmp_path, mongo_uri, port, TMPDIR=str(private_tmp))
+    process, log = start_gunicorn(tmp_path, mongo_uri, port, TMPDIR=str(private_tmp))
     try:
         wait_until_healthy(f"http://127.0.0.1:{port}", process=process, timeout=90, log=log)
         metrics_dirs = list(private_tmp.glob("innova-metrics-*"))
@@ -326,7 +289,7 @@ def test_gunicorn_stops_gracefully(tmp_path: Path, mongo_uri: str) -> None:
 def test_gunicorn_stops_with_status_3_on_a_configuration_error(tmp_path: Path, mongo_uri: str) -> None:
     """What the unit's RestartPreventExitStatus=3 relies on: a bad env file
     stops gunicorn (no respawn loop) with one line per problem in the journal."""
-    process, log = _start_gunicorn(
+    process, log = start_gunicorn(
         tmp_path, mongo_uri, free_port(), ENV="production", ALLOWED_ORIGINS="http://innovaplus.africa"
     )
     try:
