@@ -81,9 +81,8 @@ keepalive = _int("GUNICORN_KEEPALIVE", 75)
 # TRUSTED_PROXIES (addresses or networks, comma-separated; default nginx on
 # loopback), the same list the app applies to the client address. On a host
 # behind nginx on another machine, that machine's private address goes there.
-forwarded_allow_ips = ",".join(
-    item.strip() for item in (os.environ.get("TRUSTED_PROXIES", "").strip() or "127.0.0.1,::1").split(",") if item.strip()
-)
+_TRUSTED = os.environ.get("TRUSTED_PROXIES", "").strip() or "127.0.0.1,::1"
+forwarded_allow_ips = ",".join(item.strip() for item in _TRUSTED.split(",") if item.strip())
 
 # -- logs: stdout/stderr, collected by journald -------------------------------------
 accesslog = "-"

@@ -29,9 +29,9 @@ from innova_server.testing.server import wait_until_healthy
 from .conftest import (
     DEPLOY,
     ECHO_DELAY_MS,
-    WORKERS,
     PUBLIC_NAME,
     SITE_CONF,
+    WORKERS,
     TLSFiles,
     find_tool,
     free_port,
@@ -42,7 +42,6 @@ from .conftest import (
     stop_process,
     wait_for_port,
 )
-
 
 
 @dataclass
