@@ -32,8 +32,6 @@ import tempfile
 
 from gunicorn import glogging
 
-from innova_server.logconfig import formatter_for
-
 
 def _int(name: str, default: int) -> int:
     value = os.environ.get(name, "").strip()
@@ -59,6 +57,10 @@ proc_name = "innovaplus-backend"
 # error makes every worker exit with status 3 and gunicorn stop (no
 # respawn loop), and `systemctl restart` always loads fresh code.
 preload_app = False
+
+# gunicorn's control socket (`gunicornc`, in $HOME/.gunicorn): not used, the
+# unit drives gunicorn with signals (reload = SIGHUP); one thing less listening.
+control_socket_disable = True
 
 # -- timeouts ---------------------------------------------------------------------
 # With uvicorn workers `timeout` is NOT a request timeout: it is the
@@ -91,13 +93,38 @@ loglevel = os.environ.get("LOG_LEVEL", "info").lower()
 access_log_format = '%(h)s "%(r)s" %(s)s %(b)s %(M)sms "%(a)s"'
 
 
+# Under systemd each line starts with its syslog priority (`<3>` for an
+# error...), which journald stores as the entry's priority: `journalctl -p
+# warning` then shows gunicorn's warnings and errors (a worker timeout, a
+# boot failure) with the app's. The app's own lines get the same from
+# innova_server.logconfig; that module is not imported here, in the master,
+# so that a reload (SIGHUP: new workers forked from this master) never hands
+# the new workers a module of the previous release.
+_PRIORITIES = ((logging.CRITICAL, 2), (logging.ERROR, 3), (logging.WARNING, 4), (logging.INFO, 6))
+
+
+def _to_journal(stream: object) -> bool:
+    """`stream` is the journald socket of JOURNAL_STREAM ("dev:inode", set by systemd)."""
+    expected = os.environ.get("JOURNAL_STREAM", "")
+    try:
+        info = os.fstat(stream.fileno())  # type: ignore[attr-defined]
+    except (OSError, ValueError, AttributeError):
+        return False
+    return ":" in expected and expected == f"{info.st_dev}:{info.st_ino}"
+
+
+class _JournalFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        priority = next((p for level, p in _PRIORITIES if record.levelno >= level), 7)
+        return "\n".join(f"<{priority}>{line}" for line in super().format(record).splitlines() or [""])
+
+
 class JournalLogger(glogging.Logger):  # type: ignore[misc]
-    """gunicorn's logger, its lines prefixed with their syslog priority (`<3>` ...)
-    when they go to journald, like the app's (innova_server.logconfig)."""
+    """gunicorn's logger, its lines on journald prefixed with their priority."""
 
     def _set_handler(self, log: object, output: str | None, fmt: logging.Formatter, stream: object = None) -> None:
-        if output == "-":
-            fmt = formatter_for(stream or sys.stderr, fmt._fmt, fmt.datefmt)  # type: ignore[arg-type]
+        if output == "-" and _to_journal(stream or sys.stderr):
+            fmt = _JournalFormatter(fmt._fmt, fmt.datefmt)
         super()._set_handler(log, output, fmt, stream)
 
 

@@ -227,9 +227,12 @@ def fake_bin(tmp_path: Path) -> Iterator[Callable[[str, str], Path]]:
 
 
 def start_gunicorn(
-    tmp: Path, mongo_uri: str, port: int, *, name: str = "gunicorn", **extra_env: str
+    tmp: Path, mongo_uri: str, port: int, *, name: str = "gunicorn", journal: bool = False, **extra_env: str
 ) -> tuple[subprocess.Popen[bytes], Path]:
-    """gunicorn from deploy/gunicorn.conf.py, as the unit starts it, on 127.0.0.1:`port`; its log file."""
+    """gunicorn from deploy/gunicorn.conf.py, as the unit starts it, on 127.0.0.1:`port`; its log file.
+
+    `journal`: the log file stands in for journald's stream (JOURNAL_STREAM names it, as systemd does).
+    """
     gunicorn = find_tool("gunicorn")
     if gunicorn is None:
         pytest.skip("gunicorn is not installed (pip install 'innova-server[production]')")
@@ -256,6 +259,10 @@ def start_gunicorn(
         PYTHONUNBUFFERED="1",
     )
     env.update(extra_env)
+    log.touch()
+    if journal:
+        info = log.stat()
+        env["JOURNAL_STREAM"] = f"{info.st_dev}:{info.st_ino}"
     with log.open("wb") as out:
         process = subprocess.Popen(
             [gunicorn, "--config", str(DEPLOY / "gunicorn.conf.py")],

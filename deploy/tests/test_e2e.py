@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import signal
 import ssl
 import subprocess
@@ -289,7 +290,7 @@ def test_gunicorn_stops_with_status_3_on_a_configuration_error(tmp_path: Path, m
     """What the unit's RestartPreventExitStatus=3 relies on: a bad env file
     stops gunicorn (no respawn loop) with one line per problem in the journal."""
     process, log = start_gunicorn(
-        tmp_path, mongo_uri, free_port(), ENV="production", ALLOWED_ORIGINS="http://innovaplus.africa"
+        tmp_path, mongo_uri, free_port(), journal=True, ENV="production", ALLOWED_ORIGINS="http://innovaplus.africa"
     )
     try:
         process.wait(timeout=60)
@@ -300,3 +301,10 @@ def test_gunicorn_stops_with_status_3_on_a_configuration_error(tmp_path: Path, m
     assert process.returncode == 3, text[-3000:]
     assert "innova: configuration error: ALLOWED_ORIGINS contains 'http://innovaplus.africa'" in text
     assert "innova: configuration error: COOKIE_SECURE" not in text  # only the real problems
+    # On journald (JOURNAL_STREAM names the stream, as systemd sets it) every
+    # line carries its priority: `journalctl -p err` shows why it stopped.
+    lines = text.splitlines()
+    assert "<3>innova: configuration error: ALLOWED_ORIGINS contains 'http://innovaplus.africa'" in text
+    assert any(line.startswith("<3>") and "Worker failed to boot" in line for line in lines), text
+    assert any(line.startswith("<6>") and "Booting worker" in line for line in lines), text
+    assert all(re.match(r"<[0-7]>", line) for line in lines if line.strip()), text

@@ -10,13 +10,14 @@ from __future__ import annotations
 import sys
 
 from innova_server.app import create_app
-from innova_server.logconfig import configure_logging
+from innova_server.logconfig import configure_logging, stream_is_journal
 from innova_server.settings import ConfigError
 
 try:
     configure_logging()
     app = create_app()
 except ConfigError as error:
+    priority = "<3>" if stream_is_journal(sys.stderr) else ""  # journald: priority err
     for line in error.lines:
-        print(f"innova: configuration error: {line}", file=sys.stderr)
+        print(f"{priority}innova: configuration error: {line}", file=sys.stderr)
     sys.exit(3)
