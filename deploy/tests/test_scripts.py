@@ -624,3 +624,73 @@ def test_ping_through_the_container_keeps_the_uri_off_the_command_line(
     assert argv[:4] == ["exec", "-e", "MONGO_URI", "innova-mongo"]  # -e NAME: the value from the environment
     assert "--nodb" in argv and not any("s3cret" in arg for arg in argv)
     assert f"MONGO_URI={URI}" in (tmp_path / "docker.args.env").read_text().splitlines()
+
+
+FAKE_SYSTEMCTL = r"""#!/usr/bin/env bash
+echo "$*" >> "$FAKE_SYSTEMCTL_LOG"
+[[ $1 == is-active ]] && exit "${FAKE_INACTIVE:-0}"
+exit 0
+"""
+
+
+@pytest.mark.parametrize(
+    ("extra", "action"),
+    [
+        ({}, "reload"),  # the deploy: graceful, nothing dropped
+        ({"FAKE_INACTIVE": "3"}, "restart"),  # not running: start it
+        ({"RESTART": "1"}, "restart"),  # asked for (a changed unit or env file)
+    ],
+    ids=["running", "stopped", "asked"],
+)
+def test_remote_deploy_reloads_the_service_unless_a_restart_is_needed(
+    fake_bin: Callable[[str, str], Path], tmp_path: Path, extra: dict[str, str], action: str
+) -> None:
+    app = deploy_tree(tmp_path)
+    plugins = tmp_path / "plugins.txt"
+    plugins.write_text("innova-provider-echo\n")
+    calls = tmp_path / "systemctl.calls"
+    python = fake_bin("python3", FAKE_PYTHON)
+    systemctl = fake_bin("systemctl", FAKE_SYSTEMCTL)
+    # An existing virtualenv (a new one is a new Python: that restarts).
+    subprocess.run(
+        [str(python), "-m", "venv", str(app / ".venv")], check=True, env={**os.environ, "FAKE_LOG": "/dev/null"}
+    )
+    result = run_remote_deploy(
+        app,
+        plugins,
+        PYTHON=str(python),
+        FAKE_LOG=str(tmp_path / "pip.calls"),
+        SKIP_RESTART="0",
+        SYSTEMCTL=str(systemctl),
+        FAKE_SYSTEMCTL_LOG=str(calls),
+        **extra,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    done = [line for line in calls.read_text().splitlines() if line.split()[0] in ("reload", "restart")]
+    assert done == [f"{action} innovaplus-backend.service"], calls.read_text()
+    assert f"{action}ing innovaplus-backend.service" in result.stdout
+
+
+def test_remote_deploy_restarts_when_the_masters_own_packages_change(
+    fake_bin: Callable[[str, str], Path], tmp_path: Path
+) -> None:
+    """A new gunicorn/uvicorn: workers forked from the old master would keep its copy, so restart."""
+    app = deploy_tree(tmp_path)
+    plugins = tmp_path / "plugins.txt"
+    plugins.write_text("innova-provider-echo\n")
+    site = app / ".venv" / "lib" / "python3.11" / "site-packages"
+    site.mkdir(parents=True)
+    (site / "gunicorn-23.0.0.dist-info").mkdir()
+    (app / ".venv" / "bin").mkdir()
+    # pip "upgrades" gunicorn: the recorder also swaps the dist-info.
+    upgrade = f'mv "{site}/gunicorn-23.0.0.dist-info" "{site}/gunicorn-27.0.1.dist-info" 2>/dev/null || true\n'
+    (app / ".venv" / "bin" / "python").write_text(f"#!/usr/bin/env bash\n{upgrade}")
+    (app / ".venv" / "bin" / "innova").write_text("#!/usr/bin/env bash\necho fake innova\n")
+    for name in ("python", "innova"):
+        (app / ".venv" / "bin" / name).chmod(0o755)
+    calls = tmp_path / "systemctl.calls"
+    systemctl = fake_bin("systemctl", FAKE_SYSTEMCTL)
+    result = run_remote_deploy(app, plugins, SKIP_RESTART="0", SYSTEMCTL=str(systemctl), FAKE_SYSTEMCTL_LOG=str(calls))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "restart innovaplus-backend.service" in calls.read_text().splitlines()
+    assert "gunicorn, uvicorn or the Python changed" in result.stdout
