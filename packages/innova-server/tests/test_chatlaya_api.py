@@ -1,4 +1,4 @@
-"""Conversations and messages (DESIGN §5): get-or-create, listing, ownership, bad input."""
+"""Conversations and messages: get-or-create, listing, ownership, bad input."""
 
 from __future__ import annotations
 

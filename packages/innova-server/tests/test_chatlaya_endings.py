@@ -302,11 +302,11 @@ async def a_running_turn(
     message_id = str(ObjectId())
     slot = await slots.acquire(f"chat:{user_id}", 1, message_id)
     assert slot is not None
-    user_message = await messages.open_turn(
+    user_message_id = await messages.open_turn(
         conversation_id=conversation.id, user_id=user_id, content="q", parent_id=None,
         assistant_id=ObjectId(message_id), provider="stubborn", model="m1", created_at=utcnow(), lease=TIMINGS.lease,
     )  # fmt: skip
-    context = TurnContext(user_id, conversation.id, user_message.id, message_id, "stubborn", "m1", slot)
+    context = TurnContext(user_id, conversation.id, user_message_id, message_id, "stubborn", "m1", slot)
     provider = StubbornProvider(cleanup=3)
     turn = Turn(context, provider, ChatRequest([ChatMessage("user", "q")], "m1"), messages, slots, TIMINGS)
     registry.start(turn)
@@ -318,7 +318,7 @@ async def a_running_turn(
 
 async def test_a_stop_ends_the_reply_without_waiting_for_a_slow_provider(stores, db):
     conversations, messages, slots = stores
-    registry = TurnRegistry()
+    registry = TurnRegistry(messages, slots, TIMINGS)
     turn, provider = await a_running_turn(conversations, messages, slots, registry)
     stream = LiveStream(turn)
     stream.first_events()
@@ -340,7 +340,7 @@ async def test_shutdown_ends_running_replies_before_the_database_closes(mongo_ur
     database = Database(mongo_uri, db_name)
     conversations, messages = ConversationStore(database), MessageStore(database)
     slots = StreamSlots(database, lease=timedelta(minutes=5))
-    registry = TurnRegistry()
+    registry = TurnRegistry(messages, slots, TIMINGS)
     turn, _ = await a_running_turn(conversations, messages, slots, registry)
 
     await registry.aclose()

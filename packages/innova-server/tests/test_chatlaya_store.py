@@ -10,7 +10,6 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from bson import ObjectId
 
-from innova_server.chatlaya.messages import MessageStore
 from innova_server.chatlaya.store import ConversationStore, StreamSlots
 from innova_server.db import Database
 
@@ -66,34 +65,3 @@ async def test_conversation_pages_with_identical_updated_at_are_complete_and_dup
             break
     expected = [rows[-2]["_id"], *sorted(ids, reverse=True), rows[-1]["_id"]]
     assert seen == [str(oid) for oid in expected]
-
-
-async def test_message_pages_with_identical_created_at_are_complete_and_duplicate_free(database, db) -> None:
-    conversation_id = ObjectId()
-    same = datetime(2025, 1, 2, 3, 4, 5, 678000, tzinfo=UTC)
-    ids = [ObjectId() for _ in range(17)]
-    db.messages.insert_many(
-        [
-            {
-                "_id": oid,
-                "conversation_id": conversation_id,
-                "user_id": ObjectId(),
-                "role": "user",
-                "content": str(index),
-                "created_at": same,
-                "status": "complete",
-            }
-            for index, oid in enumerate(ids)
-        ]
-    )
-    store = MessageStore(database)
-    pages: list[list[str]] = []
-    before = None
-    for _ in range(50):
-        items, before = await store.page(str(conversation_id), limit=5, before=before)
-        pages.append([item.id for item in items])
-        if before is None:
-            break
-    # Pages go toward older messages; each page is oldest→newest.
-    walked = [oid for page in reversed(pages) for oid in page]
-    assert walked == [str(oid) for oid in sorted(ids)]

@@ -49,6 +49,15 @@ INDEXES: dict[str, list[IndexModel]] = {
             [("conversation_id", ASCENDING), ("created_at", ASCENDING), ("_id", ASCENDING)],
             name="conversation_created",
         ),
+        # The children of a message (sibling_ids), oldest first.
+        IndexModel(
+            [("conversation_id", ASCENDING), ("parent_id", ASCENDING), ("created_at", ASCENDING), ("_id", ASCENDING)],
+            name="conversation_parent_created",
+        ),
+    ],
+    "usage_daily": [
+        IndexModel([("user_id", ASCENDING), ("day", ASCENDING)], name="user_day"),
+        IndexModel([("expires_at", ASCENDING)], expireAfterSeconds=0, name="expires_at_ttl"),
     ],
     "stream_slots": [IndexModel([("expires_at", ASCENDING)], expireAfterSeconds=0, name="expires_at_ttl")],
     "rate_limits": [
@@ -114,6 +123,10 @@ class Database:
     @property
     def messages(self) -> AsyncCollection[Document]:
         return self.db["messages"]
+
+    @property
+    def usage_daily(self) -> AsyncCollection[Document]:
+        return self.db["usage_daily"]
 
     @property
     def stream_slots(self) -> AsyncCollection[Document]:

@@ -41,6 +41,7 @@ class ErrorCode(StrEnum):
     CONVERSATION_NOT_FOUND = "conversation_not_found"
     MESSAGE_NOT_FOUND = "message_not_found"
     TOO_MANY_STREAMS = "too_many_streams"
+    QUOTA_EXCEEDED = "quota_exceeded"
     PROVIDER_UNAVAILABLE = "provider_unavailable"
     PROVIDER_BUSY = "provider_busy"
     PROVIDER_AUTH = "provider_auth"
@@ -68,6 +69,7 @@ HTTP_STATUS: dict[ErrorCode, tuple[int, str]] = {
     ErrorCode.CONVERSATION_NOT_FOUND: (404, "Conversation not found."),
     ErrorCode.MESSAGE_NOT_FOUND: (404, "Message not found."),
     ErrorCode.TOO_MANY_STREAMS: (429, "Too many replies in progress; wait for one to finish."),
+    ErrorCode.QUOTA_EXCEEDED: (429, "Daily quota reached; it resets at midnight UTC."),
     ErrorCode.PROVIDER_UNAVAILABLE: (503, "The chat model is unavailable; retry later."),
     ErrorCode.PROVIDER_BUSY: (503, "The chat model is busy; retry later."),
     ErrorCode.PROVIDER_AUTH: (502, "The chat model provider refused our credentials."),

@@ -59,6 +59,10 @@ CHAT_TURN_ENDINGS = Counter(
     "Replies by finish_reason (stop, length, stopped, cancelled, interrupted, error)",
     ["provider", "finish_reason"],
 )
+CHAT_FEEDBACK = Counter(
+    "innova_chat_feedback_total", "Feedback given on replies", ["provider", "model", "rating"]
+)
+CHAT_TITLES = Counter("innova_chat_titles_total", "Model titles by outcome (set, kept, timeout, failed)", ["outcome"])
 CHAT_RESUMES = Counter(
     "innova_chat_resumes_total", "Reply streams resumed, by source (memory, checkpoints, replay)", ["source"]
 )

@@ -11,9 +11,11 @@ from innova_server.auth.store import SessionStore, UserStore
 from innova_server.background import BackgroundTasks
 from innova_server.chat import ChatProvider
 from innova_server.chatlaya.messages import MessageStore
+from innova_server.chatlaya.replies import Replies
 from innova_server.chatlaya.service import ChatService
 from innova_server.chatlaya.store import ConversationStore, StreamSlots
-from innova_server.chatlaya.turns import TurnRegistry
+from innova_server.chatlaya.turns import TurnRegistry, TurnTimings
+from innova_server.chatlaya.usage import UsageStore
 from innova_server.db import Database
 from innova_server.mail import Mailer
 from innova_server.plugins import PluginRegistry, ProviderEntry
@@ -36,6 +38,7 @@ class Services:
     tasks: BackgroundTasks
     turns: TurnRegistry
     chat: ChatService
+    replies: Replies
 
     async def aclose(self) -> None:
         try:
@@ -61,14 +64,21 @@ def build_services(settings: Settings, plugins: PluginRegistry, mongo_uri: str) 
     auth = AuthManager(settings, users, sessions, passwords, limiter)
     tasks = BackgroundTasks()
     recovery = RecoveryManager(settings, db, users, sessions, passwords, limiter, mailer, tasks)
-    turns = TurnRegistry()
+    conversations, messages, usage = ConversationStore(db), MessageStore(db), UsageStore(db)
+    slots = StreamSlots(db, lease=settings.chat_lease)
+    turns = TurnRegistry(messages, slots, TurnTimings.from_settings(settings))
     chat = ChatService(
+        settings, conversations, messages, limiter, usage, on_conversation_deleted=turns.stop_conversation
+    )
+    replies = Replies(
         settings,
-        ConversationStore(db),
-        MessageStore(db),
-        StreamSlots(db, lease=settings.chat_lease),
+        conversations,
+        messages,
+        slots,
         limiter,
         turns,
+        usage,
+        tasks,
         provider_name=provider_entry.name,
         model=model,
         provider=provider,
@@ -87,4 +97,5 @@ def build_services(settings: Settings, plugins: PluginRegistry, mongo_uri: str) 
         tasks=tasks,
         turns=turns,
         chat=chat,
+        replies=replies,
     )

@@ -128,6 +128,7 @@ class Settings(PluginSettings):
     rate_limit_forgot_email: Limit = RateLimit(5, 3600)
     rate_limit_forgot_ip: Limit = RateLimit(20, 3600)
     rate_limit_chat_user: Limit = RateLimit(30, 60)
+    rate_limit_conversations_user: Limit = RateLimit(100, 86400)
     chat_max_concurrent_streams: int = Field(3, ge=1)
 
     smtp_host: str | None = None
@@ -156,6 +157,11 @@ class Settings(PluginSettings):
     chat_checkpoint_ms: int = Field(1000, ge=50, le=1500)
     chat_lease_seconds: float = Field(30.0, ge=2, le=3600)
     chat_detached_timeout_seconds: float = Field(60.0, ge=0, le=86_400)
+    # Conversation titles: the first message's words, or asked of the model in the background.
+    chat_titles: Literal["first_message", "model"] = "first_message"
+    chat_title_timeout_seconds: float = Field(20.0, gt=0, le=600)
+    # Model tokens (prompt + completion) per user per UTC day; unset = unlimited.
+    chat_daily_tokens_user: int | None = Field(None, ge=1)
 
     metrics_token: SecretStr | None = None
     innova_load_plugins: CommaList | None = None
@@ -172,6 +178,7 @@ class Settings(PluginSettings):
         "rate_limit_forgot_email",
         "rate_limit_forgot_ip",
         "rate_limit_chat_user",
+        "rate_limit_conversations_user",
         mode="before",
     )
     @classmethod

@@ -6,10 +6,10 @@ generating (docs/architecture.md, "A turn"):
 
 - inserted with the user message when the stream opens: `status: "streaming"`,
   `content: ""`, a lease (`lease_expires_at`);
-- checkpointed while it grows: the text so far and a renewed lease, in one
-  `find_one_and_update` that also returns the stop flag and the last time a
-  follower on another process looked (`watched_at`), so the generating worker
-  learns both without an extra round trip;
+- checkpointed while it grows: the text so far and a renewed lease, written
+  for all the replies of a process at once, beside one read of their stop
+  flags and of the last time a follower on another process looked
+  (`watched_at`);
 - finished once: status, finish_reason, usage, error — conditioned on
   `status: "streaming"`, so a message declared dead in the meantime (its lease
   expired) or deleted with its conversation is never resurrected.
@@ -21,15 +21,16 @@ and `interrupt` makes that permanent.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
 from bson import ObjectId
-from pymongo import DESCENDING, ReturnDocument
+from pymongo import ASCENDING, ReturnDocument, UpdateOne
 
 from innova_server.auth.store import object_id, utcnow
-from innova_server.chatlaya.store import decode_cursor, encode_cursor
+from innova_server.chatlaya.tree import Node
 from innova_server.db import Database, Document
 
 MessageStatus = Literal["streaming", "complete", "incomplete", "error"]
@@ -54,6 +55,7 @@ class MessageRecord:
     parent_id: str | None = None
     error: dict[str, Any] | None = None
     lease_expires_at: datetime | None = None
+    feedback: dict[str, Any] | None = None
 
     @classmethod
     def from_doc(cls, doc: Document, now: datetime | None = None) -> MessageRecord:
@@ -78,6 +80,7 @@ class MessageRecord:
             parent_id=str(parent) if parent is not None else None,
             error=doc.get("error"),
             lease_expires_at=lease,
+            feedback=doc.get("feedback"),
         )
 
     @property
@@ -109,65 +112,84 @@ class MessageStore:
         *,
         conversation_id: str,
         user_id: str,
-        content: str,
+        content: str | None,
         parent_id: str | None,
         assistant_id: ObjectId,
+        user_message_id: str | None = None,
         provider: str,
         model: str,
         created_at: datetime,
         lease: timedelta,
-    ) -> MessageRecord:
-        """Insert the user message and the `streaming` assistant message in one round trip.
+    ) -> str:
+        """Insert the new messages of a turn in one round trip; the id of the reply's parent.
 
-        The assistant message is created a millisecond later, so the history's
-        order (`created_at`, then `_id`) keeps the question before the answer.
+        With `content`, a user message following `parent_id`, then the
+        `streaming` assistant message following it (a millisecond later, so the
+        order by `created_at`, then `_id`, keeps the question before the
+        answer). Without (a regeneration), only the assistant message, following
+        `parent_id` (the user message it answers again).
         """
-        user_doc: Document = {
-            "_id": ObjectId(),
-            "conversation_id": ObjectId(conversation_id),
-            "user_id": ObjectId(user_id),
-            "parent_id": object_id(parent_id) if parent_id else None,
-            "role": "user",
-            "content": content,
-            "created_at": created_at,
-            "status": "complete",
-            "provider": None,
-            "model": None,
-            "finish_reason": None,
-            "usage": None,
-        }
-        assistant_doc: Document = {
-            "_id": assistant_id,
-            "conversation_id": ObjectId(conversation_id),
-            "user_id": ObjectId(user_id),
-            "parent_id": user_doc["_id"],
-            "role": "assistant",
-            "content": "",
-            "created_at": created_at + timedelta(milliseconds=1),
-            "status": "streaming",
-            "provider": provider,
-            "model": model,
-            "finish_reason": None,
-            "usage": None,
-            "lease_expires_at": utcnow() + lease,
-        }
-        await self.collection.insert_many([user_doc, assistant_doc], ordered=True)
-        return MessageRecord.from_doc(user_doc)
-
-    async def checkpoint(self, message_id: str, *, content: str | None, until: datetime) -> Checkpoint | None:
-        """Renew the lease to `until` (and store `content` when given); None when no longer streaming."""
-        changes: dict[str, Any] = {"lease_expires_at": until}
+        docs: list[Document] = []
+        reply_parent = object_id(parent_id) if parent_id else None
         if content is not None:
-            changes["content"] = content
-        doc = await self.collection.find_one_and_update(
-            {"_id": ObjectId(message_id), "status": "streaming"},
-            {"$set": changes},
-            projection={"stop_requested": 1, "watched_at": 1},
-            return_document=ReturnDocument.AFTER,
+            user_doc: Document = {
+                "_id": ObjectId(user_message_id) if user_message_id else ObjectId(),
+                "conversation_id": ObjectId(conversation_id),
+                "user_id": ObjectId(user_id),
+                "parent_id": reply_parent,
+                "role": "user",
+                "content": content,
+                "created_at": created_at,
+                "status": "complete",
+                "provider": None,
+                "model": None,
+                "finish_reason": None,
+                "usage": None,
+            }
+            docs.append(user_doc)
+            reply_parent = user_doc["_id"]
+        docs.append(
+            {
+                "_id": assistant_id,
+                "conversation_id": ObjectId(conversation_id),
+                "user_id": ObjectId(user_id),
+                "parent_id": reply_parent,
+                "role": "assistant",
+                "content": "",
+                "created_at": created_at + timedelta(milliseconds=1),
+                "status": "streaming",
+                "provider": provider,
+                "model": model,
+                "finish_reason": None,
+                "usage": None,
+                "lease_expires_at": utcnow() + lease,
+            }
         )
-        if doc is None:
-            return None
-        return Checkpoint(bool(doc.get("stop_requested")), doc.get("watched_at"))
+        await self.collection.insert_many(docs, ordered=True)
+        return str(reply_parent)
+
+    async def checkpoint_many(self, contents: dict[str, str | None], *, until: datetime) -> dict[str, Checkpoint]:
+        """Renew the lease of every reply of `contents` to `until`, storing its text when given;
+        what each still `streaming` one brings back (absent: no longer streaming).
+
+        Two round trips together, whatever the number of replies: a `bulk_write`
+        of the updates, and a `find` of the flags.
+        """
+        ids = [ObjectId(message_id) for message_id in contents]
+        updates = [
+            UpdateOne(
+                {"_id": ObjectId(message_id), "status": "streaming"},
+                {"$set": {"lease_expires_at": until, **({"content": content} if content is not None else {})}},
+            )
+            for message_id, content in contents.items()
+        ]
+        _, docs = await asyncio.gather(
+            self.collection.bulk_write(updates, ordered=False),
+            self.collection.find(
+                {"_id": {"$in": ids}, "status": "streaming"}, projection={"stop_requested": 1, "watched_at": 1}
+            ).to_list(),
+        )
+        return {str(doc["_id"]): Checkpoint(bool(doc.get("stop_requested")), doc.get("watched_at")) for doc in docs}
 
     async def finish(
         self,
@@ -253,51 +275,91 @@ class MessageStore:
         )
         return result.modified_count == 1
 
-    # -- the history --------------------------------------------------------
+    # -- the history and the tree ------------------------------------------------
 
     async def delete_conversation(self, conversation_id: str) -> int:
         result = await self.collection.delete_many({"conversation_id": ObjectId(conversation_id)})
         return result.deleted_count
 
-    async def recent(self, conversation_id: str, *, limit: int) -> list[MessageRecord]:
-        """The newest `limit` messages, newest first, in one round trip."""
+    async def in_conversation(self, conversation_id: str, message_id: str) -> MessageRecord | None:
+        oid = object_id(message_id)
+        if oid is None:
+            return None
+        doc = await self.collection.find_one(
+            {"_id": oid, "conversation_id": ObjectId(conversation_id)}, projection=_HIDDEN
+        )
+        return MessageRecord.from_doc(doc) if doc else None
+
+    async def skeleton(self, conversation_id: str) -> list[Node]:
+        """`(id, parent_id)` of every message of the conversation, oldest first, in one round trip."""
         docs = await (
-            self.collection.find({"conversation_id": ObjectId(conversation_id)}, projection=_HIDDEN)
-            .sort([("created_at", DESCENDING), ("_id", DESCENDING)])
-            .limit(limit)
-            .batch_size(limit)
+            self.collection.find({"conversation_id": ObjectId(conversation_id)}, projection={"parent_id": 1})
+            .sort([("created_at", ASCENDING), ("_id", ASCENDING)])
             .to_list()
         )
-        now = utcnow()
-        return [MessageRecord.from_doc(doc, now) for doc in docs]
+        return [Node(str(doc["_id"]), str(doc["parent_id"]) if doc.get("parent_id") else None) for doc in docs]
 
-    async def page(
-        self, conversation_id: str, *, limit: int, before: str | None
-    ) -> tuple[list[MessageRecord], str | None]:
-        """A page of messages oldest→newest; `next_cursor` pages toward older ones.
+    async def adopt_linear(self, conversation_id: str) -> list[str]:
+        """A conversation of the first version (no parents): chain its messages by time; its ids in order.
 
-        The cursor is the oldest item's `(created_at, _id)`: messages that arrive
-        while a client pages back are newer than anything it still has to
-        fetch, so the walk is complete and free of duplicates.
+        Idempotent and safe to race: each message gets the parent its
+        predecessor in time gives it, and only where it has none yet.
         """
-        query: dict[str, Any] = {"conversation_id": ObjectId(conversation_id)}
-        if before:
-            when, oid = decode_cursor(before)
-            query["$or"] = [{"created_at": {"$lt": when}}, {"created_at": when, "_id": {"$lt": oid}}]
         docs = await (
-            self.collection.find(query, projection=_HIDDEN)
-            .sort([("created_at", DESCENDING), ("_id", DESCENDING)])
-            .limit(limit + 1)
-            .batch_size(limit + 1)
+            self.collection.find({"conversation_id": ObjectId(conversation_id)}, projection={"parent_id": 1})
+            .sort([("created_at", ASCENDING), ("_id", ASCENDING)])
             .to_list()
         )
+        updates = [
+            UpdateOne({"_id": doc["_id"], "parent_id": {"$exists": False}}, {"$set": {"parent_id": previous}})
+            for previous, doc in zip([None, *(d["_id"] for d in docs)], docs, strict=False)
+            if "parent_id" not in doc
+        ]
+        if updates:
+            await self.collection.bulk_write(updates, ordered=False)
+        return [str(doc["_id"]) for doc in docs]
+
+    async def by_ids(self, message_ids: list[str]) -> dict[str, MessageRecord]:
+        if not message_ids:
+            return {}
+        docs = await self.collection.find(
+            {"_id": {"$in": [ObjectId(m) for m in message_ids]}}, projection=_HIDDEN
+        ).to_list()
         now = utcnow()
-        newest_first = [MessageRecord.from_doc(doc, now) for doc in docs[:limit]]
-        next_cursor = None
-        if len(docs) > limit:
-            oldest = newest_first[-1]
-            next_cursor = encode_cursor(oldest.created_at, oldest.id)
-        return list(reversed(newest_first)), next_cursor
+        return {str(doc["_id"]): MessageRecord.from_doc(doc, now) for doc in docs}
+
+    async def siblings(self, conversation_id: str, parent_ids: set[str | None]) -> dict[str | None, list[str]]:
+        """The children of each of `parent_ids` (None: the roots), oldest first, in one round trip."""
+        wanted = [ObjectId(p) if p else None for p in parent_ids]
+        docs = await (
+            self.collection.find(
+                {"conversation_id": ObjectId(conversation_id), "parent_id": {"$in": wanted}},
+                projection={"parent_id": 1},
+            )
+            .sort([("created_at", ASCENDING), ("_id", ASCENDING)])
+            .to_list()
+        )
+        children: dict[str | None, list[str]] = {}
+        for doc in docs:
+            parent = str(doc["parent_id"]) if doc.get("parent_id") else None
+            children.setdefault(parent, []).append(str(doc["_id"]))
+        return children
+
+    async def set_feedback(
+        self, user_id: str, message_id: str, feedback: dict[str, Any] | None
+    ) -> MessageRecord | None:
+        """Set (or, with None, clear) the feedback of the caller's assistant message."""
+        oid = object_id(message_id)
+        if oid is None:
+            return None
+        update = {"$set": {"feedback": feedback}} if feedback else {"$unset": {"feedback": ""}}
+        doc = await self.collection.find_one_and_update(
+            {"_id": oid, "user_id": ObjectId(user_id), "role": "assistant"},
+            update,
+            projection=_HIDDEN,
+            return_document=ReturnDocument.AFTER,
+        )
+        return MessageRecord.from_doc(doc) if doc else None
 
 
 __all__ = ["FINAL_STATUSES", "Checkpoint", "MessageRecord", "MessageStatus", "MessageStore"]

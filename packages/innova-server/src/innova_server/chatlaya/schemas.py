@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 
@@ -32,6 +32,22 @@ class Body(BaseModel):
 class MessageIn(Body):
     content: Content
     conversation_id: str | None = Field(None, max_length=64)
+    # A user message of that conversation: the new message becomes its sibling ("edit and resend").
+    edit_of: str | None = Field(None, max_length=64)
+
+
+class BranchIn(Body):
+    message_id: str = Field(max_length=64)
+
+
+class FeedbackIn(Body):
+    rating: Literal["up", "down"]
+    comment: Annotated[str, StringConstraints(strip_whitespace=True, max_length=1000)] | None = None
+
+
+class FeedbackOut(BaseModel):
+    rating: str
+    comment: str | None
 
 
 class ConversationPatch(Body):
@@ -70,6 +86,9 @@ class MessageOut(BaseModel):
     id: str
     conversation_id: str
     parent_id: str | None
+    # Every message with the same parent, itself included, oldest first ("2 / 3").
+    sibling_ids: list[str]
+    feedback: FeedbackOut | None
     role: str
     content: str
     created_at: datetime
@@ -79,11 +98,14 @@ class MessageOut(BaseModel):
     finish_reason: str | None
 
     @classmethod
-    def of(cls, record: MessageRecord) -> MessageOut:
+    def of(cls, record: MessageRecord, sibling_ids: list[str] | None = None) -> MessageOut:
+        feedback = record.feedback
         return cls(
             id=record.id,
             conversation_id=record.conversation_id,
             parent_id=record.parent_id,
+            sibling_ids=sibling_ids if sibling_ids is not None else [record.id],
+            feedback=FeedbackOut(rating=feedback["rating"], comment=feedback.get("comment")) if feedback else None,
             role=record.role,
             content=record.content,
             created_at=record.created_at,
@@ -101,3 +123,14 @@ class MessageEnvelope(BaseModel):
 class MessagePage(BaseModel):
     items: list[MessageOut]
     next_cursor: str | None
+
+
+class UsageToday(BaseModel):
+    messages: int
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class UsageOut(BaseModel):
+    today: UsageToday
+    daily_token_limit: int | None

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from bson import ObjectId
-from pymongo import DESCENDING, ReturnDocument
+from pymongo import DESCENDING, ReturnDocument, UpdateOne
 from pymongo.errors import DuplicateKeyError
 
 from innova_server.auth.store import object_id, utcnow
@@ -36,9 +37,13 @@ class ConversationRecord:
     created_at: datetime
     updated_at: datetime
     archived: bool
+    # The current branch, root→leaf (`chatlaya.tree`); None for a conversation
+    # of the first version, whose messages have no parents yet.
+    branch: list[str] | None = None
 
     @classmethod
     def from_doc(cls, doc: Document) -> ConversationRecord:
+        branch = doc.get("branch")
         return cls(
             id=str(doc["_id"]),
             user_id=str(doc["user_id"]),
@@ -47,6 +52,7 @@ class ConversationRecord:
             created_at=doc["created_at"],
             updated_at=doc["updated_at"],
             archived=bool(doc.get("archived", False)),
+            branch=[str(oid) for oid in branch] if branch is not None else None,
         )
 
 
@@ -93,6 +99,7 @@ class ConversationStore:
             "created_at": now,
             "updated_at": now,
             "archived": False,
+            "branch": [],
         }
 
     async def create(self, user_id: str) -> ConversationRecord:
@@ -144,23 +151,61 @@ class ConversationStore:
             return await self.active(user_id) or await self.create(user_id)
         return ConversationRecord.from_doc(doc)
 
-    async def touch(self, conversation: ConversationRecord, now: datetime, first_message: str | None) -> bool:
-        """Move `updated_at`; set the automatic title if the conversation has none yet.
+    async def touch(
+        self, conversation: ConversationRecord, now: datetime, first_message: str | None, branch: list[str]
+    ) -> bool:
+        """Make `branch` current and move `updated_at`; set the automatic title if there is none yet.
 
-        The title filter re-checks `title_set_by_user` in the same operation, so
-        a rename racing with the first message always wins. False when the
-        conversation is gone (deleted while the turn was being opened).
+        One update. The title filter re-checks `title_set_by_user` in the same
+        operation, so a rename racing with the first message always wins.
+        False when the conversation is gone (deleted while the turn was being opened).
         """
         oid = ObjectId(conversation.id)
+        changes: dict[str, Any] = {"updated_at": now, "branch": [ObjectId(m) for m in branch]}
         if first_message is not None and conversation.title is None and not conversation.title_set_by_user:
+            title = make_title(first_message)
             result = await self.collection.update_one(
                 {"_id": oid, "title_set_by_user": {"$ne": True}},
-                {"$set": {"updated_at": now, "title": make_title(first_message)}},
+                {"$set": {**changes, "title": title, "title_search": title.casefold()}},
             )
             if result.matched_count:
                 return True
-        result = await self.collection.update_one({"_id": oid}, {"$set": {"updated_at": now}})
+        result = await self.collection.update_one({"_id": oid}, {"$set": changes})
         return result.matched_count == 1
+
+    async def restore(self, conversation: ConversationRecord, branch: list[str], *, replaced: list[str]) -> None:
+        """Put back branch, `updated_at` and title as `conversation` had them, unless the branch moved
+        on since `replaced` was written (another turn, a switch): then the newer state stays."""
+        changes: dict[str, Any] = {
+            "branch": [ObjectId(m) for m in branch],
+            "updated_at": conversation.updated_at,
+            "title": conversation.title,
+        }
+        update: dict[str, Any] = {"$set": changes}
+        if conversation.title is None:
+            update["$unset"] = {"title_search": ""}
+        else:
+            changes["title_search"] = conversation.title.casefold()
+        await self.collection.update_one(
+            {"_id": ObjectId(conversation.id), "branch": [ObjectId(m) for m in replaced]}, update
+        )
+
+    async def set_branch(self, user_id: str, conversation_id: str, branch: list[str]) -> ConversationRecord | None:
+        """Make `branch` current (any valid path: see `chatlaya.tree`); `updated_at` stays."""
+        doc = await self.collection.find_one_and_update(
+            {"_id": ObjectId(conversation_id), "user_id": ObjectId(user_id)},
+            {"$set": {"branch": [ObjectId(m) for m in branch]}},
+            return_document=ReturnDocument.AFTER,
+        )
+        return ConversationRecord.from_doc(doc) if doc else None
+
+    async def set_generated_title(self, conversation_id: str, title: str, *, replaces: str | None) -> bool:
+        """A model's title, only over the automatic title it was made for (never over the user's)."""
+        result = await self.collection.update_one(
+            {"_id": ObjectId(conversation_id), "title_set_by_user": {"$ne": True}, "title": replaces},
+            {"$set": {"title": title, "title_search": title.casefold()}},
+        )
+        return result.modified_count == 1
 
     async def update(
         self, user_id: str, conversation_id: str, *, title: str | None = None, archived: bool | None = None
@@ -174,6 +219,7 @@ class ConversationStore:
         unset: dict[str, str] = {}
         if title is not None:
             changes["title"] = title
+            changes["title_search"] = title.casefold()
             changes["title_set_by_user"] = True
         if archived is not None:
             changes["archived"] = archived
@@ -198,15 +244,31 @@ class ConversationStore:
         return result.deleted_count == 1
 
     async def page(
-        self, user_id: str, *, archived: bool, limit: int, cursor: str | None
+        self, user_id: str, *, archived: bool, limit: int, cursor: str | None, query: str | None = None
     ) -> tuple[list[ConversationRecord], str | None]:
-        """Newest `updated_at` first; the cursor is the last item's `(updated_at, _id)`."""
-        query: dict[str, Any] = {"user_id": ObjectId(user_id), "archived": archived}
+        """Newest `updated_at` first; the cursor is the last item's `(updated_at, _id)`.
+
+        `query` keeps the titles that contain it, case-insensitively, as a
+        literal: it is escaped before it becomes a pattern, and matched against
+        `title_search` (the title case-folded when it is written; a title from
+        before that field existed is matched on `title` with the `i` flag).
+        """
+        filters: dict[str, Any] = {"user_id": ObjectId(user_id), "archived": archived}
+        if query:
+            folded = re.escape(query.casefold())
+            filters["$and"] = [
+                {
+                    "$or": [
+                        {"title_search": {"$regex": folded}},
+                        {"title_search": {"$exists": False}, "title": {"$regex": re.escape(query), "$options": "i"}},
+                    ]
+                }
+            ]
         if cursor:
             when, oid = decode_cursor(cursor)
-            query["$or"] = [{"updated_at": {"$lt": when}}, {"updated_at": when, "_id": {"$lt": oid}}]
+            filters["$or"] = [{"updated_at": {"$lt": when}}, {"updated_at": when, "_id": {"$lt": oid}}]
         docs = await (
-            self.collection.find(query)
+            self.collection.find(filters)
             .sort([("updated_at", DESCENDING), ("_id", DESCENDING)])
             .limit(limit + 1)
             .batch_size(limit + 1)
@@ -297,6 +359,21 @@ class StreamSlots:
         await self.collection.update_one(
             {"_id": slot.key, "holders.id": slot.id},
             {"$set": {"holders.$.expires_at": expires_at}, "$max": {"expires_at": expires_at}},
+        )
+
+    async def renew_many(self, slots: list[Slot], until: datetime) -> None:
+        """`renew` for many slots in one round trip."""
+        if not slots:
+            return
+        await self.collection.bulk_write(
+            [
+                UpdateOne(
+                    {"_id": slot.key, "holders.id": slot.id},
+                    {"$set": {"holders.$.expires_at": until}, "$max": {"expires_at": until}},
+                )
+                for slot in slots
+            ],
+            ordered=False,
         )
 
     async def release(self, slot: Slot) -> None:

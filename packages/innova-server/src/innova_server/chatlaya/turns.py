@@ -9,10 +9,11 @@ or be joined by others; another process follows it through its checkpoints
   nothing on this per-token path touches the database;
 - **fan-out**: attached streams read the text from their own position and
   wait on `changed`, so a slow or absent client never holds generation back;
-- **checkpoints**: every `CHAT_CHECKPOINT_MS` one `find_one_and_update`
-  stores the text so far (when it grew), renews the lease, and brings back the
-  stop flag and the followers' last visit. Round trips are a constant plus
-  one per interval, whatever the reply's length;
+- **checkpoints**: every `CHAT_CHECKPOINT_MS` the registry stores the text
+  so far of all its turns (when it grew) and renews their leases in one
+  `bulk_write`, beside one `find` that brings back stop flags and followers'
+  visits (`TurnRegistry.checkpoint`). Round trips are a constant plus two per
+  interval for the whole process, whatever the replies' lengths or number;
 - **the end**, written once: `complete`, `error`, or `incomplete` with the
   reason (`stopped`, `cancelled` when nobody watched for
   `CHAT_DETACHED_TIMEOUT_SECONDS`, `interrupted` at shutdown); then the
@@ -40,9 +41,11 @@ from typing import Any, Literal
 from innova_server import metrics
 from innova_server.auth.store import utcnow
 from innova_server.chat import ChatChunk, ChatProvider, ChatRequest, ProviderError, ProviderUnavailable, Usage
-from innova_server.chatlaya.messages import MessageStatus, MessageStore
+from innova_server.chatlaya.messages import Checkpoint, MessageStatus, MessageStore
 from innova_server.chatlaya.store import Slot, StreamSlots
+from innova_server.chatlaya.usage import UsageStore, estimate_tokens
 from innova_server.errors import ErrorCode
+from innova_server.settings import Settings
 
 log = logging.getLogger("innova.chatlaya")
 
@@ -78,6 +81,8 @@ class TurnContext:
     provider: str
     model: str
     slot: Slot
+    # False for a regeneration: the user message existed before, and a refused turn must not delete it.
+    new_user_message: bool = True
 
     def start_payload(self) -> dict[str, str]:
         return {
@@ -96,6 +101,14 @@ class TurnTimings:
     checkpoint_seconds: float
     lease: timedelta
     detached_timeout_seconds: float
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> TurnTimings:
+        return cls(
+            checkpoint_seconds=settings.chat_checkpoint_ms / 1000,
+            lease=settings.chat_lease,
+            detached_timeout_seconds=settings.chat_detached_timeout_seconds,
+        )
 
 
 @dataclass(frozen=True)
@@ -117,8 +130,10 @@ class Turn:
         messages: MessageStore,
         slots: StreamSlots,
         timings: TurnTimings,
+        usage: UsageStore | None = None,
     ) -> None:
         self.context = context
+        self._usage_store = usage
         self._provider = provider
         self._request = request
         self._messages = messages
@@ -143,6 +158,7 @@ class Turn:
         self._counted_detached = False
         self._task: asyncio.Task[None] | None = None
         self._pump: asyncio.Task[None] | None = None
+        self._written = 0  # length of the text at the last checkpoint
 
     @property
     def message_id(self) -> str:
@@ -255,7 +271,6 @@ class Turn:
             await self._halt_provider()
 
     async def _generate(self) -> None:
-        keeper = asyncio.create_task(self._keep(), name=f"chat-checkpoints-{self.message_id}")
         stop = asyncio.create_task(self._stop_requested.wait())
         try:
             assert self._pump is not None
@@ -264,18 +279,14 @@ class Turn:
             ending = self._decide()
         finally:
             stop.cancel()
-            keeper.cancel()
-            await asyncio.gather(keeper, stop, return_exceptions=True)
+            await asyncio.gather(stop, return_exceptions=True)
         try:
             if self._stop_reason == "gone":
                 stored = True  # deleted with its conversation, or declared dead: nothing to write
             else:
                 stored = await self._record(ending)
         finally:
-            try:
-                await self._slots.release(self.context.slot)
-            except Exception as error:  # the lease frees it in the end
-                log.warning("could not release the stream slot of %s: %s", self.message_id, type(error).__name__)
+            await asyncio.gather(self._release_slot(), self._count_usage())
         if not stored:
             # Said but not saved: the client must not believe the reply is in
             # the history. A provider failure, when there was one, stays the
@@ -285,6 +296,26 @@ class Turn:
         metrics.CHAT_STREAMS.labels(self.context.provider, ending.status).inc()
         metrics.CHAT_TURN_ENDINGS.labels(self.context.provider, ending.finish_reason).inc()
         self._notify()
+
+    async def _release_slot(self) -> None:
+        try:
+            await self._slots.release(self.context.slot)
+        except Exception as error:  # the lease frees it in the end
+            log.warning("could not release the stream slot of %s: %s", self.message_id, type(error).__name__)
+
+    async def _count_usage(self) -> None:
+        """Today's usage of the user: the provider's token counts, else characters / 4."""
+        if self._usage_store is None:
+            return
+        if self._usage is not None:
+            prompt, completion = self._usage.prompt_tokens, self._usage.completion_tokens
+        else:
+            prompt = estimate_tokens(sum(len(message.content) for message in self._request.messages))
+            completion = estimate_tokens(self.length)
+        try:
+            await self._usage_store.add(self.context.user_id, prompt_tokens=prompt, completion_tokens=completion)
+        except Exception as error:  # usage is bookkeeping: never the reason a reply fails
+            log.warning("could not count the usage of %s: %s", self.message_id, type(error).__name__)
 
     def _decide(self) -> Ending:
         usage = self._usage_dict()
@@ -339,33 +370,28 @@ class Turn:
         if chunk.text:
             self._notify()
 
-    async def _keep(self) -> None:
-        """Checkpoints: the text so far, the lease, the stop flag, and whether anybody still watches."""
-        timings = self._timings
-        written = 0
-        slot_renewed = time.monotonic()
-        while True:
-            await asyncio.sleep(timings.checkpoint_seconds)
-            length = self.length
-            until = utcnow() + timings.lease
-            try:
-                checkpoint = await self._messages.checkpoint(
-                    self.message_id, content=self.text() if length != written else None, until=until
-                )
-                if checkpoint is None:
-                    self.stop("gone")
-                    return
-                written = length
-                if checkpoint.stop_requested:
-                    self.stop("stopped")
-                    return
-                if time.monotonic() - slot_renewed >= timings.lease.total_seconds() / 3:
-                    await self._slots.renew(self.context.slot, until)
-                    slot_renewed = time.monotonic()
-            except Exception as error:  # a missed checkpoint; the lease covers several
-                log.warning("checkpoint of %s failed: %s", self.message_id, type(error).__name__)
-                continue
-            self._check_detached(checkpoint.watched_at)
+    # -- checkpoints (written by the registry, for all its turns at once) ------------------
+
+    @property
+    def checkpointing(self) -> bool:
+        """Accepted and not ending yet: its text and lease are due at every checkpoint."""
+        return self._accepted.is_set() and not self._abandoned and not self._decided
+
+    def checkpoint_content(self) -> tuple[str | None, int]:
+        """The text to store (None when it did not grow since the last checkpoint), and its length."""
+        length = self.length
+        return (self.text() if length != self._written else None), length
+
+    def checkpointed(self, checkpoint: Checkpoint | None, length: int) -> None:
+        """What the checkpoint brought back: gone, a stop, or whether a follower still watches."""
+        if checkpoint is None:
+            self.stop("gone")
+            return
+        self._written = max(self._written, length)
+        if checkpoint.stop_requested:
+            self.stop("stopped")
+            return
+        self._check_detached(checkpoint.watched_at)
 
     def _check_detached(self, watched_at: datetime | None) -> None:
         if self._attached:
@@ -399,7 +425,10 @@ class Turn:
         context = self.context
         try:
             await self._halt_provider()
-            await self._messages.delete_turn(context.user_message_id, context.message_id)
+            created = [context.message_id]
+            if context.new_user_message:
+                created.append(context.user_message_id)
+            await self._messages.delete_turn(*created)
         except Exception:  # the request fails anyway; say so in the log, free the slot
             log.exception("could not delete the messages of a refused turn")
         finally:
@@ -429,10 +458,22 @@ class TurnRegistry:
     Holding the tasks here keeps them referenced until they end (a bare
     `create_task` could be garbage-collected half-way) and gives shutdown one
     place to end them.
+
+    It also writes the checkpoints of all its turns together: every
+    `CHAT_CHECKPOINT_MS`, one `bulk_write` (each reply's text if it grew, and
+    its lease) beside one `find` (the stop flags and followers' visits, and
+    which replies are no longer streaming) — two round trips per interval for
+    the whole process, whether it generates one reply or a thousand. The
+    stream slots' leases are renewed the same way, every third of the lease.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, messages: MessageStore, slots: StreamSlots, timings: TurnTimings) -> None:
         self._turns: dict[str, Turn] = {}
+        self._messages = messages
+        self._slots = slots
+        self._timings = timings
+        self._loop: asyncio.Task[None] | None = None
+        self._slots_renewed = time.monotonic()
 
     def __len__(self) -> int:
         return len(self._turns)
@@ -440,12 +481,43 @@ class TurnRegistry:
     def get(self, message_id: str) -> Turn | None:
         return self._turns.get(message_id)
 
-    def turns_of(self, conversation_id: str) -> list[Turn]:
-        return [turn for turn in self._turns.values() if turn.context.conversation_id == conversation_id]
-
     def start(self, turn: Turn) -> None:
         self._turns[turn.message_id] = turn
         turn.start(on_exit=lambda done: self._turns.pop(done.message_id, None))
+        if self._loop is None or self._loop.done():
+            self._loop = asyncio.create_task(self._checkpoint_loop(), name="chat-checkpoints")
+
+    def stop_conversation(self, conversation_id: str) -> None:
+        """Its conversation was deleted: end its replies here at once (elsewhere, their checkpoints do)."""
+        for turn in list(self._turns.values()):
+            if turn.context.conversation_id == conversation_id:
+                turn.stop("gone")
+
+    async def _checkpoint_loop(self) -> None:
+        while self._turns:
+            await asyncio.sleep(self._timings.checkpoint_seconds)
+            try:
+                await self.checkpoint()
+            except Exception as error:  # a missed checkpoint; the lease covers several
+                log.warning("checkpoint of %d replies failed: %s", len(self._turns), type(error).__name__)
+
+    async def checkpoint(self) -> None:
+        """One checkpoint of every reply being generated (see the class docstring)."""
+        turns = [turn for turn in self._turns.values() if turn.checkpointing]
+        if not turns:
+            return
+        until = utcnow() + self._timings.lease
+        contents = {turn.message_id: turn.checkpoint_content() for turn in turns}
+        renew = time.monotonic() - self._slots_renewed >= self._timings.lease.total_seconds() / 3
+        results = await self._messages.checkpoint_many(
+            {message_id: content for message_id, (content, _) in contents.items()}, until=until
+        )
+        for turn in turns:
+            turn.checkpointed(results.get(turn.message_id), contents[turn.message_id][1])
+        if renew:
+            # Never past the messages' lease: a dead worker's slots are free once its replies read interrupted.
+            await self._slots.renew_many([turn.context.slot for turn in turns], until)
+            self._slots_renewed = time.monotonic()
 
     async def aclose(self, timeout: float = CANCEL_GRACE_SECONDS + 5) -> None:  # noqa: ASYNC109 - a budget
         """At shutdown, before the database closes: every reply still running ends as
@@ -456,6 +528,8 @@ class TurnRegistry:
         tasks = [turn.task for turn in turns if turn.task is not None]
         if tasks:
             await asyncio.wait(tasks, timeout=timeout)
+        if self._loop is not None:
+            self._loop.cancel()
 
 
 __all__ = [

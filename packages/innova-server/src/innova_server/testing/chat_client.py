@@ -67,17 +67,31 @@ class Stream:
         return self
 
 
-def chat(client: httpx.Client, content: str, conversation_id: str | None = None) -> Stream:
-    """Send a message and read the whole reply with httpx-sse."""
-    body: dict[str, Any] = {"content": content}
-    if conversation_id is not None:
-        body["conversation_id"] = conversation_id
-    with connect_sse(client, "POST", "/chatlaya/message", json=body) as source:
+def sse(client: httpx.Client, method: str, path: str, *, tokens: int | None = None, **options: Any) -> Stream:
+    """Any Chatlaya event stream: read until `done` (or `tokens` tokens); a JSON error's body otherwise."""
+    with connect_sse(client, method, path, **options) as source:
         response = source.response
         if response.status_code != 200:
             response.read()
             return Stream(response.status_code, response.headers, body=response.json())
-        return Stream(200, response.headers).read(source)
+        return Stream(200, response.headers).read(source, tokens=tokens)
+
+
+def chat(
+    client: httpx.Client, content: str, conversation_id: str | None = None, *, edit_of: str | None = None
+) -> Stream:
+    """Send a message and read the whole reply with httpx-sse."""
+    body: dict[str, Any] = {"content": content}
+    if conversation_id is not None:
+        body["conversation_id"] = conversation_id
+    if edit_of is not None:
+        body["edit_of"] = edit_of
+    return sse(client, "POST", "/chatlaya/message", json=body)
+
+
+def regenerate(client: httpx.Client, message_id: str) -> Stream:
+    """Another reply to the question `message_id` answers."""
+    return sse(client, "POST", f"/chatlaya/messages/{message_id}/regenerate")
 
 
 def resume(
@@ -85,9 +99,4 @@ def resume(
 ) -> Stream:
     """`GET /chatlaya/messages/{id}/events` with `Last-Event-ID`, read until `done` (or `tokens` tokens)."""
     headers = {"Last-Event-ID": last_event_id} if last_event_id is not None else {}
-    with connect_sse(client, "GET", f"/chatlaya/messages/{message_id}/events", headers=headers) as source:
-        response = source.response
-        if response.status_code != 200:
-            response.read()
-            return Stream(response.status_code, response.headers, body=response.json())
-        return Stream(200, response.headers).read(source, tokens=tokens)
+    return sse(client, "GET", f"/chatlaya/messages/{message_id}/events", headers=headers, tokens=tokens)

@@ -40,6 +40,7 @@ TEST_DEFAULTS: dict[str, Any] = {
     "rate_limit_forgot_email": "1000/1h",
     "rate_limit_forgot_ip": "1000/1h",
     "rate_limit_chat_user": "1000/1m",
+    "rate_limit_conversations_user": "1000/1d",
     "allowed_origins": ["http://localhost:3000"],
     "provider": "echo",
     "mailer": "console",

@@ -1,0 +1,76 @@
+"""What the provider is sent: the system prompt, the newest messages of the branch that fit, the prompt.
+
+The branch is read newest first, a batch of ids at a time, and reading stops
+once the character budget (`CHAT_HISTORY_CHARS`) is spent: a long
+conversation costs one round trip, not a read of everything it holds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+
+from innova_server.chat import ChatMessage
+from innova_server.chatlaya.messages import MessageRecord
+
+# Ids read per round trip, newest first.
+HISTORY_BATCH = 24
+
+
+def build_history(
+    system_prompt: str, recent_newest_first: Sequence[MessageRecord], content: str, budget_chars: int
+) -> list[ChatMessage]:
+    """System prompt + the newest earlier messages that fit the budget + the new message.
+
+    The new message is always sent (a message too long for the model is the
+    provider's `ContextTooLong` to report); older ones are dropped whole,
+    oldest first, never cut in the middle. Replies still streaming, and
+    empty ones, are left out.
+    """
+    remaining = budget_chars - len(content)
+    picked: list[ChatMessage] = []
+    for message in recent_newest_first:
+        if not message.content or message.role not in ("user", "assistant") or message.streaming:
+            continue
+        if len(message.content) > remaining:
+            break
+        remaining -= len(message.content)
+        picked.append(ChatMessage("user" if message.role == "user" else "assistant", message.content))
+    history = [ChatMessage("system", system_prompt)] if system_prompt else []
+    history.extend(reversed(picked))
+    history.append(ChatMessage("user", content))
+    return history
+
+
+async def read_branch(
+    path: Sequence[str],
+    prompt: str | None,
+    budget_chars: int,
+    fetch: Callable[[list[str]], Awaitable[dict[str, MessageRecord]]],
+) -> tuple[list[MessageRecord], str]:
+    """The messages of `path` newest first, as far as the budget reaches, and the prompt.
+
+    `prompt` None (a regeneration): the last message of `path` is the prompt,
+    the user message answered again.
+    """
+    newest_first: list[MessageRecord] = []
+    used = 0
+    index = len(path)
+    while index > 0:
+        batch = list(path[max(0, index - HISTORY_BATCH) : index])
+        index -= len(batch)
+        records = await fetch(batch)
+        for message_id in reversed(batch):
+            record = records.get(message_id)
+            if record is None:
+                continue
+            if prompt is None:
+                prompt = record.content
+                continue
+            newest_first.append(record)
+            used += len(record.content)
+        if prompt is not None and used + len(prompt) > budget_chars:
+            break
+    return newest_first, prompt or ""
+
+
+__all__ = ["HISTORY_BATCH", "build_history", "read_branch"]
