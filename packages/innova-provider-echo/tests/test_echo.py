@@ -8,10 +8,10 @@ from collections.abc import Callable
 
 import pytest
 
-from innova_provider_echo import EchoProvider, make_echo, split_words
-from innova_server.chat import ChatMessage, ChatProvider, ChatRequest
+from innova_provider_echo import EchoProvider, split_words
+from innova_server.chat import chunks_of
 from innova_server.plugins import PluginRegistry
-from innova_server.settings import ConfigError, Settings
+from innova_server.sdk import ChatMessage, ChatProvider, ChatRequest, ConfigError, Settings
 from innova_server.testing import ProviderConformance
 
 TRICKY = [
@@ -27,7 +27,7 @@ TRICKY = [
 
 def reply(provider: EchoProvider, request: ChatRequest) -> list[str]:
     async def collect() -> list[str]:
-        return [chunk.text async for chunk in provider.stream(request)]
+        return [chunk.text async for chunk in chunks_of(provider, request)]
 
     return asyncio.run(collect())
 
@@ -55,7 +55,7 @@ def test_echoes_the_last_user_message_not_the_history():
 
 def test_reports_finish_reason_and_usage():
     async def last() -> object:
-        chunks = [c async for c in EchoProvider().stream(request_for("a b c"))]
+        chunks = [c async for c in chunks_of(EchoProvider(), request_for("a b c"))]
         return chunks[-1]
 
     final = asyncio.run(last())
@@ -65,7 +65,7 @@ def test_reports_finish_reason_and_usage():
 
 def test_echo_delay_spaces_the_chunks(monkeypatch):
     monkeypatch.setenv("ECHO_DELAY_MS", "40")
-    provider = make_echo(None)  # type: ignore[arg-type]
+    provider = EchoProvider()
     started = time.monotonic()
     reply(provider, request_for("un deux trois quatre"))
     assert time.monotonic() - started >= 0.12  # three pauses between four words
@@ -75,6 +75,9 @@ def test_registered_through_the_entry_point():
     registry = PluginRegistry.load(Settings(_env_file=None, env="test"))
     entry = registry.provider_entry("echo")
     assert entry.plugin == "echo" and entry.models == ("echo",) and entry.default_model == "echo"
+    # The class is its own factory: built without the settings.
+    _, model, provider = registry.build_provider(Settings(_env_file=None, env="test"))
+    assert isinstance(provider, EchoProvider) and model == "echo"
     info = next(info for info in registry.infos() if info.name == "echo")
     assert info.providers == ["echo"] and info.error is None and info.version
 
@@ -94,7 +97,7 @@ class TestEchoConformance(ProviderConformance):
 def test_a_bad_echo_delay_is_one_clear_startup_line(monkeypatch, value):
     monkeypatch.setenv("ECHO_DELAY_MS", value)
     with pytest.raises(ConfigError) as refused:
-        make_echo(Settings(env="test"))
+        EchoProvider()
     assert len(refused.value.lines) == 1
     assert refused.value.lines[0].startswith("ECHO_DELAY_MS: ")
     assert value not in refused.value.lines[0]

@@ -211,9 +211,11 @@ def test_serve_runs_with_the_embedded_database_and_keeps_data(tmp_path):
             httpx.post(f"{url}/auth/register", json={"email": "ada@example.com", "password": PASSWORD}).status_code
             == 201
         )
+        assert httpx.get(f"{url}/playground").status_code == 200  # development serves the playground
     finally:
         err = _stop(first)
     assert f"data in {tmp_path / 'data' / 'db'}" in err
+    assert f"innova: playground at http://127.0.0.1:{port}/playground" in err
     db_port = int(re.search(r"listening on mongodb://127\.0\.0\.1:(\d+)", err)[1])
     assert "stopping the embedded database" in err
     assert not _port_open(db_port)  # the database process is gone

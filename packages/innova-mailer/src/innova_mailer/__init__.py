@@ -10,7 +10,7 @@ Configuration (environment, read at startup; restart after a change):
   (a private relay's CA; the tests' CA).
 - `SMTP_TLS_MODE`: `auto` (default) or an explicit `implicit`, `starttls`, `none`.
 
-The TLS rule in `auto` mode (DESIGN §3):
+The TLS rule in `auto` mode (`SMTP_USE_TLS` in innova-server's README, "Configuration"):
 
 | SMTP_USE_TLS | SMTP_PORT     | connection |
 |---|---|---|

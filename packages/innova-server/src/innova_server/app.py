@@ -17,7 +17,7 @@ from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 
-from innova_server import __version__, health, metrics
+from innova_server import __version__, health, metrics, playground
 from innova_server.auth.legacy import LEGACY_PREFIX, LegacyAuthMiddleware
 from innova_server.auth.router import build_router as build_auth_router
 from innova_server.chatlaya.router import build_router as build_chat_router
@@ -102,16 +102,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(build_auth_router("/auth"))
     app.include_router(build_auth_router(LEGACY_PREFIX, deprecated=True))
     app.include_router(build_chat_router())
+    if settings.playground_enabled:
+        app.include_router(playground.router)
 
     # Added innermost first: requests pass Metrics → CORS → Legacy → CSRF → body cap.
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
-    app.add_middleware(CSRFOriginMiddleware, allowed_origins=settings.allowed_origins)
+    app.add_middleware(
+        CSRFOriginMiddleware, allowed_origins=settings.allowed_origins, allow_same_origin=settings.playground_enabled
+    )
     app.add_middleware(LegacyAuthMiddleware)
     app.add_middleware(
         CORSMiddleware,
         allow_origins=settings.allowed_origins,
         allow_credentials=True,
-        allow_methods=["GET", "POST", "PATCH", "DELETE"],
+        allow_methods=["GET", "POST", "PUT", "PATCH", "DELETE"],  # PUT: message feedback
         allow_headers=["Content-Type", "Last-Event-ID"],
         # Readable by the front end's JavaScript: when to retry (429/503), and
         # the legacy routes' deprecation notice and successor.

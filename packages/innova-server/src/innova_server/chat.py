@@ -11,6 +11,7 @@ model) runs in a thread, never on the event loop.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 import threading
@@ -37,6 +38,11 @@ class ChatRequest:
     max_tokens: int = 512
     temperature: float = 0.7
 
+    @property
+    def last_user_text(self) -> str:
+        """The newest user message's text ("" if none): what most simple providers answer."""
+        return next((m.content for m in reversed(self.messages) if m.role == "user"), "")
+
 
 @dataclass(frozen=True)
 class Usage:
@@ -62,6 +68,47 @@ class ChatProvider(Protocol):
     async def aclose(self) -> None:
         """Release clients, threads, models. Safe to call twice."""
         ...
+
+
+class Provider(abc.ABC):
+    """A base class for providers: write `stream`, inherit the rest.
+
+    `stream` may yield bare `str` pieces of text as well as `ChatChunk`s (the
+    core wraps a `str` into `ChatChunk(text=...)`); a final
+    `ChatChunk(finish_reason=..., usage=...)` is optional. `aclose` does
+    nothing unless overridden: most providers hold nothing to release, and
+    should not have to say so. A subclass whose `__init__` takes no argument
+    can be registered as its own factory: `register("mine", MineProvider)`.
+    """
+
+    @abc.abstractmethod
+    def stream(self, request: ChatRequest) -> AsyncIterator[ChatChunk | str]:
+        """An async generator of text (`str` or `ChatChunk`); raises only `ProviderError` subclasses."""
+
+    async def aclose(self) -> None:
+        """Release clients, threads, models. Safe to call twice. Nothing to release by default."""
+        return None
+
+
+def as_chunk(item: ChatChunk | str) -> ChatChunk:
+    """What the core does with each item a provider yields: a `str` is a text chunk."""
+    if isinstance(item, str):
+        return ChatChunk(text=item)
+    if not isinstance(item, ChatChunk):
+        raise TypeError(f"stream() yielded {type(item).__name__}, not ChatChunk or str")
+    return item
+
+
+async def chunks_of(provider: ChatProvider | Provider, request: ChatRequest) -> AsyncGenerator[ChatChunk, None]:
+    """`provider.stream(request)` as `ChatChunk`s only; closing this closes the provider's stream."""
+    stream: AsyncIterator[ChatChunk | str] = provider.stream(request)
+    try:
+        async for item in stream:
+            yield as_chunk(item)
+    finally:
+        aclose = getattr(stream, "aclose", None)
+        if aclose is not None:
+            await aclose()
 
 
 # -- blocking producers ----------------------------------------------------
@@ -276,6 +323,7 @@ __all__ = [
     "ChatRequest",
     "ContextTooLong",
     "FinishReason",
+    "Provider",
     "ProviderAuthError",
     "ProviderBusy",
     "ProviderError",
@@ -284,6 +332,8 @@ __all__ = [
     "ProviderUnavailable",
     "Role",
     "Usage",
+    "as_chunk",
+    "chunks_of",
     "error_for_status",
     "iterate_in_thread",
     "parse_retry_after",

@@ -33,6 +33,13 @@ def _exit_on_sigterm(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)
 
 
+def playground_url(host: str, port: int) -> str:
+    """Where a browser on this machine finds the playground (a wildcard bind is reached on loopback)."""
+    shown = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+    if ":" in shown:
+        shown = f"[{shown}]"
+    return f"http://{shown}:{port}/playground"
+
 
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
@@ -61,6 +68,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     host = args.host or settings.host
     port = args.port or settings.port
     configure_logging(settings.log_level)
+    if settings.playground_enabled:
+        print(f"innova: playground at {playground_url(host, port)}", file=sys.stderr)
     try:
         if args.reload:
             uvicorn.run(
@@ -215,10 +224,9 @@ def cmd_plugins(args: argparse.Namespace) -> int:
         print("no plugins installed")
     for info in infos:
         print(f"{info.name} {info.version or ''}".rstrip())
-        if info.providers:
-            print(f"  providers: {', '.join(info.providers)}")
-        if info.mailers:
-            print(f"  mailers: {', '.join(info.mailers)}")
+        for kind, names in info.offers.items():
+            if names:
+                print(f"  {kind}: {', '.join(names)}")
         if info.error:
             print(f"  error: {info.error}")
     return 0
@@ -235,7 +243,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     """
     import time
 
-    from innova_server.chat import ChatMessage, ChatRequest, ProviderError
+    from innova_server.chat import ChatMessage, ChatRequest, ProviderError, as_chunk
     from innova_server.plugins import PluginRegistry
 
     overrides: dict[str, object] = {}
@@ -261,7 +269,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
         finish_reason, usage, chunks = None, None, 0
         stream = provider.stream(request)
         try:
-            async for chunk in stream:
+            async for item in stream:
+                chunk = as_chunk(item)
                 if chunk.text:
                     first = first if first is not None else time.monotonic() - started
                     chunks += 1

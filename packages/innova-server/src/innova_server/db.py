@@ -13,10 +13,10 @@ import time
 from typing import Any
 
 import pymongo
-from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, IndexModel, ReadPreference
+from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, IndexModel, ReadPreference, ReturnDocument
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.errors import PyMongoError
+from pymongo.errors import DuplicateKeyError, PyMongoError
 from pymongo.monitoring import CommandFailedEvent, CommandListener, CommandStartedEvent, CommandSucceededEvent
 
 from innova_server import metrics
@@ -137,7 +137,7 @@ class Database:
         return self.db["rate_limits"]
 
     async def ensure_indexes(self) -> None:
-        """Create every index of DESIGN §4; idempotent (same names, same options).
+        """Create every index of `INDEXES` (docs/architecture.md, "The data"); idempotent (same names, same options).
 
         Building a new index over a large existing collection can outlast the
         per-operation timeout; it gets `INDEX_TIMEOUT` seconds instead. A ping
@@ -188,3 +188,44 @@ class Database:
 
     async def close(self) -> None:
         await self.client.close()
+
+
+async def write_then_confirm(
+    collection: AsyncCollection[Document],
+    query: Document,
+    update: Document,
+    *,
+    confirm: Document,
+    upsert: bool = False,
+    projection: Document | None = None,
+) -> Document | None:
+    """`find_one_and_update(query, update, return_document=AFTER)`, believed only when it answers.
+
+    Two things can make that call return no document although the write it
+    asked for happened, and every atomic write of ours must tell "it did not
+    apply" from "it applied but I was not shown it":
+
+    - with `upsert`, two first writers of a key race on the insert and the
+      loser gets `DuplicateKeyError` (real MongoDB too): the document exists
+      now, so the same update is sent again, without upsert;
+    - SecantusDB (the development database) occasionally answers a
+      `find_one_and_update` with no document although the update applied
+      (seen under concurrent upserts, about 5 % of calls); real MongoDB never does.
+
+    So when no document comes back, `confirm` is read once: a filter that only
+    the state *this* write produced can match (a claim token it set, the hash
+    it wrote, the key it upserted). None means the write really did not apply.
+    """
+    after = ReturnDocument.AFTER
+    doc: Document | None
+    try:
+        doc = await collection.find_one_and_update(
+            query, update, upsert=upsert, return_document=after, projection=projection
+        )
+    except DuplicateKeyError:
+        if not upsert:
+            raise
+        doc = await collection.find_one_and_update(query, update, return_document=after, projection=projection)
+    if doc is None:
+        doc = await collection.find_one(confirm, projection=projection)
+    return doc

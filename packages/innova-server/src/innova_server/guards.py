@@ -24,17 +24,33 @@ def _origin_of(url: str) -> str | None:
     return f"{parts.scheme}://{parts.netloc}".lower()
 
 
+def _own_origin(scope: Scope, headers: Headers) -> str | None:
+    """The origin this request was addressed to: its scheme and `Host` header."""
+    host = headers.get("host")
+    return f"{scope.get('scheme', 'http')}://{host}".lower() if host else None
+
+
 class CSRFOriginMiddleware:
     """Refuse unsafe cross-site requests from browsers.
 
     Browsers send `Origin` on cross-site POSTs (and `Referer` when they do
     not); either must name an allowed origin. A request with neither comes
     from a non-browser client, which cookies cannot be forged for: allowed.
+
+    `allow_same_origin` (on while the playground is served) also accepts a
+    request whose `Origin` is the very origin it was sent to — the app's own
+    pages. That is sound: a forged request comes from a page of *another*
+    origin, and a browser never lets a page choose the `Origin` it sends. (A
+    DNS-rebound name passes the comparison but carries no session cookie: the
+    browser keeps cookies per host name.) Behind a TLS-terminating proxy the
+    app sees `http` while the page says `https`: list the API's own origin in
+    `ALLOWED_ORIGINS` to use the playground there.
     """
 
-    def __init__(self, app: ASGIApp, allowed_origins: list[str]) -> None:
+    def __init__(self, app: ASGIApp, allowed_origins: list[str], *, allow_same_origin: bool = False) -> None:
         self.app = app
         self.allowed = {origin.lower() for origin in allowed_origins}
+        self.allow_same_origin = allow_same_origin
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] in UNSAFE_METHODS:
@@ -44,11 +60,15 @@ class CSRFOriginMiddleware:
             origin = (headers.get("origin") or "").strip() or None
             referer = headers.get("referer")
             claimed = origin.lower() if origin is not None else (_origin_of(referer) if referer is not None else "")
-            if claimed != "" and claimed not in self.allowed:
+            if claimed != "" and claimed not in self.allowed and not self._same_origin(claimed, scope, headers):
                 response = JSONResponse(error_body(ErrorCode.CSRF_ORIGIN), status_code=403)
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+    def _same_origin(self, claimed: str | None, scope: Scope, headers: Headers) -> bool:
+        return self.allow_same_origin and claimed is not None and claimed == _own_origin(scope, headers)
 
 
 class BodyTooLarge(HTTPException):

@@ -1,4 +1,4 @@
-"""The plugin system: pluggy hookspecs, entry-point loading, provider/mailer selection.
+"""The plugin system: entry-point loading, and choosing the provider and mailer.
 
 A plugin is a module (or object) with `@hookimpl` functions, published under
 the `innova` entry-point group::
@@ -8,95 +8,104 @@ the `innova` entry-point group::
 
     @hookimpl
     def innova_register_providers(register):
-        register("echo", make_echo, models=("echo",), default_model="echo")
+        register("echo", EchoProvider, models=("echo",), default_model="echo")
 
-Hooks register *factories*: nothing heavy is imported or built until the
-deployment selects it (`PROVIDER`, `MAILER`). Factories take the `Settings`.
-New hook arguments will only ever be added as new keywords.
+The hooks themselves, and the table of plugin kinds everything here is
+driven by, are in `innova_server.hookspecs`; plugin authors import from
+`innova_server.sdk`. Hooks register *factories*: nothing heavy is imported or
+built until the deployment selects it (`PROVIDER`, `MAILER`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib.metadata
+import inspect
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, cast
 
 import pluggy
 
 from innova_server.chat import ChatProvider
+from innova_server.hookspecs import (
+    KIND_BY_NAME,
+    KINDS,
+    Hookspecs,
+    Kind,
+    MailerFactory,
+    ProviderFactory,
+    RegisterMailer,
+    RegisterProvider,
+    hookimpl,
+    hookspec,
+)
 from innova_server.mail import Mailer
 from innova_server.settings import ConfigError, Settings
 
 ENTRY_POINT_GROUP = "innova"
-hookspec = pluggy.HookspecMarker("innova")
-hookimpl = pluggy.HookimplMarker("innova")
 
 log = logging.getLogger("innova.plugins")
 
-ProviderFactory = Callable[[Settings], ChatProvider]
-MailerFactory = Callable[[Settings], Mailer]
-
-
-class RegisterProvider(Protocol):
-    def __call__(
-        self,
-        name: str,
-        factory: ProviderFactory,
-        *,
-        models: tuple[str, ...] | list[str] = (),
-        default_model: str | None = None,
-    ) -> None: ...
-
-
-class RegisterMailer(Protocol):
-    def __call__(self, name: str, factory: MailerFactory) -> None: ...
-
-
-class Hookspecs:
-    @hookspec
-    def innova_register_providers(self, register: RegisterProvider) -> None:
-        """Register chat providers: `register(name, factory, *, models=(), default_model=None)`."""
-
-    @hookspec
-    def innova_register_mailers(self, register: RegisterMailer) -> None:
-        """Register mailers: `register(name, factory)`."""
-
 
 @dataclass(frozen=True)
-class ProviderEntry:
+class Entry:
+    """One thing a plugin registered: a provider or a mailer (`kind`), by name."""
+
     name: str
-    factory: ProviderFactory
+    factory: Callable[..., Any]
     models: tuple[str, ...]
     default_model: str | None
     plugin: str
+    kind: str = "providers"
 
 
-@dataclass(frozen=True)
-class MailerEntry:
-    name: str
-    factory: MailerFactory
-    plugin: str
+# The names the first version exported; one class serves every kind now.
+ProviderEntry = Entry
+MailerEntry = Entry
 
 
 @dataclass
 class PluginInfo:
     name: str
     version: str | None
-    providers: list[str] = field(default_factory=list)
-    mailers: list[str] = field(default_factory=list)
+    offers: dict[str, list[str]] = field(default_factory=lambda: {kind.name: [] for kind in KINDS})
     error: str | None = None
 
+    @property
+    def providers(self) -> list[str]:
+        return self.offers["providers"]
+
+    @property
+    def mailers(self) -> list[str]:
+        return self.offers["mailers"]
+
     def as_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "version": self.version,
-            "providers": self.providers,
-            "mailers": self.mailers,
-            "error": self.error,
-        }
+        return {"name": self.name, "version": self.version, **self.offers, "error": self.error}
+
+
+def takes_settings(factory: Callable[..., Any]) -> bool:
+    """Whether `factory` wants the `Settings`: it has a positional parameter without a default
+    (or one named `settings`, or `*args`). A factory that needs nothing — a provider class whose
+    `__init__` takes no argument, or whose arguments all have defaults — is called with none."""
+    try:
+        signature = inspect.signature(factory)
+    except (TypeError, ValueError):  # some builtins and C types: keep the first version's call
+        return True
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    for parameter in signature.parameters.values():
+        if parameter.kind is inspect.Parameter.VAR_POSITIONAL:
+            return True
+        required = parameter.default is inspect.Parameter.empty
+        if parameter.kind in positional and (required or parameter.name == "settings"):
+            return True
+    return False
+
+
+def call_factory(factory: Callable[..., Any], settings: Settings) -> Any:
+    """Build a registered thing: `factory(settings)`, or `factory()` when it takes no settings."""
+    return factory(settings) if takes_settings(factory) else factory()
 
 
 class _Builtin:
@@ -106,7 +115,7 @@ class _Builtin:
     def innova_register_mailers(self, register: RegisterMailer) -> None:
         from innova_server.mail import ConsoleMailer
 
-        register("console", lambda settings: ConsoleMailer())
+        register("console", ConsoleMailer)
 
 
 # Plugins added in-process (tests, embedders) through `registered()`.
@@ -140,8 +149,15 @@ class PluginRegistry:
         self.pm.add_hookspecs(Hookspecs)
         self.allow = allow
         self.plugins: dict[str, PluginInfo] = {}
-        self.providers: dict[str, ProviderEntry] = {}
-        self.mailers: dict[str, MailerEntry] = {}
+        self.entries: dict[str, dict[str, Entry]] = {kind.name: {} for kind in KINDS}
+
+    @property
+    def providers(self) -> dict[str, Entry]:
+        return self.entries["providers"]
+
+    @property
+    def mailers(self) -> dict[str, Entry]:
+        return self.entries["mailers"]
 
     # -- loading ---------------------------------------------------------
 
@@ -169,6 +185,26 @@ class PluginRegistry:
         log.error("plugin %s failed to load: %s", name, _error_text(exc))
         self.plugins[name] = PluginInfo(name, version, error=_error_text(exc))
 
+    def _register_callback(self, kind: Kind, plugin_name: str, info: PluginInfo) -> Callable[..., None]:
+        """The `register` a plugin's `innova_register_<kind>` hook is called with."""
+
+        def register(
+            name: str,
+            factory: Callable[..., Any],
+            *,
+            models: tuple[str, ...] | list[str] = (),
+            default_model: str | None = None,
+        ) -> None:
+            if not kind.models and (models or default_model is not None):
+                raise TypeError(f"{kind.noun}s take no models")
+            models = tuple(models)
+            if default_model is not None and models and default_model not in models:
+                raise ValueError(f"default_model {default_model!r} is not one of {models}")
+            self.entries[kind.name][name] = Entry(name, factory, models, default_model, plugin_name, kind.name)
+            info.offers[kind.name].append(name)
+
+        return register
+
     def _add(self, name: str, plugin: object, *, version: str | None) -> None:
         try:
             self.pm.register(plugin, name=name)
@@ -180,37 +216,16 @@ class PluginRegistry:
             # pluggy accepts any `@hookimpl` name and silently never calls it:
             # a misspelt hook would leave the plugin registering nothing.
             self.pm.unregister(plugin)
-            known = ", ".join(sorted(hook for hook in dir(Hookspecs) if hook.startswith("innova_")))
+            known = ", ".join(sorted(kind.hook for kind in KINDS))
             self._failed(name, version, PluginError(f"unknown hook {', '.join(unknown)} (known hooks: {known})"))
             return
         info = PluginInfo(name, version)
         self.plugins[name] = info
-
-        def register_provider(
-            provider_name: str,
-            factory: ProviderFactory,
-            *,
-            models: tuple[str, ...] | list[str] = (),
-            default_model: str | None = None,
-        ) -> None:
-            models = tuple(models)
-            if default_model is not None and models and default_model not in models:
-                raise ValueError(f"default_model {default_model!r} is not one of {models}")
-            self.providers[provider_name] = ProviderEntry(provider_name, factory, models, default_model, name)
-            info.providers.append(provider_name)
-
-        def register_mailer(mailer_name: str, factory: MailerFactory) -> None:
-            self.mailers[mailer_name] = MailerEntry(mailer_name, factory, name)
-            info.mailers.append(mailer_name)
-
         # Call this plugin's implementations one by one, so one that raises
         # is reported and skipped without hiding the others.
-        calls: list[tuple[str, Callable[..., Any]]] = [
-            ("innova_register_providers", register_provider),
-            ("innova_register_mailers", register_mailer),
-        ]
-        for hook_name, register in calls:
-            for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
+        for kind in KINDS:
+            register = self._register_callback(kind, name, info)
+            for impl in getattr(self.pm.hook, kind.hook).get_hookimpls():
                 if impl.plugin is not plugin:
                     continue
                 try:
@@ -234,8 +249,8 @@ class PluginRegistry:
         return sorted(unknown)
 
     def _drop(self, plugin_name: str) -> None:
-        self.providers = {k: v for k, v in self.providers.items() if v.plugin != plugin_name}
-        self.mailers = {k: v for k, v in self.mailers.items() if v.plugin != plugin_name}
+        for kind, entries in self.entries.items():
+            self.entries[kind] = {k: v for k, v in entries.items() if v.plugin != plugin_name}
 
     # -- selection -------------------------------------------------------
 
@@ -253,19 +268,42 @@ class PluginRegistry:
             return f"; it may come from broken plugin {name!r}: {error}."
         return "; it may come from a broken plugin: " + "; ".join(f"{n!r}: {e}" for n, e in errors.items()) + "."
 
-    def provider_entry(self, name: str) -> ProviderEntry:
-        entry = self.providers.get(name)
+    def entry(self, kind_name: str, name: str) -> Entry:
+        """The registered `kind_name` (`providers`, `mailers`) called `name`, or a `ConfigError` saying why not."""
+        kind = KIND_BY_NAME[kind_name]
+        entry = self.entries[kind.name].get(name)
         if entry is None and name in self.errors:
             # The selected plugin is the broken one: its own error is the answer.
-            raise ConfigError([f"PROVIDER={name!r}: plugin {name!r} failed to load: {self.errors[name]}"])
+            raise ConfigError([f"{kind.setting}={name!r}: plugin {name!r} failed to load: {self.errors[name]}"])
         if entry is None:
-            installed = ", ".join(sorted(self.providers)) or "none"
+            installed = ", ".join(sorted(self.entries[kind.name])) or "none"
+            hint = dict(kind.missing_hint).get(name, "")
             raise ConfigError(
-                [f"PROVIDER={name!r} is not installed{self._broken_hint()} Installed providers: {installed}."]
+                [
+                    f"{kind.setting}={name!r} is not installed{hint}{self._broken_hint()} "
+                    f"Installed {kind.name}: {installed}."
+                ]
             )
         return entry
 
-    def resolve_model(self, entry: ProviderEntry, chat_model: str | None) -> str:
+    def build(self, kind_name: str, name: str, settings: Settings) -> tuple[Entry, Any]:
+        """Call the factory of the selected `name`; its failure is a `ConfigError` naming the setting."""
+        entry = self.entry(kind_name, name)
+        try:
+            return entry, call_factory(entry.factory, settings)
+        except ConfigError:
+            raise
+        except Exception as exc:
+            setting = KIND_BY_NAME[kind_name].setting
+            raise ConfigError([f"{setting}={entry.name!r} could not start: {_error_text(exc)}"]) from exc
+
+    def provider_entry(self, name: str) -> Entry:
+        return self.entry("providers", name)
+
+    def mailer_entry(self, name: str) -> Entry:
+        return self.entry("mailers", name)
+
+    def resolve_model(self, entry: Entry, chat_model: str | None) -> str:
         """The model to use: `CHAT_MODEL` if set (checked), else the provider's default."""
         if chat_model:
             if entry.models and chat_model not in entry.models:
@@ -275,38 +313,17 @@ class PluginRegistry:
             return chat_model
         return entry.default_model or (entry.models[0] if entry.models else entry.name)
 
-    def mailer_entry(self, name: str) -> MailerEntry:
-        entry = self.mailers.get(name)
-        if entry is None and name in self.errors:
-            raise ConfigError([f"MAILER={name!r}: plugin {name!r} failed to load: {self.errors[name]}"])
-        if entry is None:
-            installed = ", ".join(sorted(self.mailers)) or "none"
-            hint = " (install innova-mailer for SMTP)" if name == "smtp" else ""
-            raise ConfigError(
-                [f"MAILER={name!r} is not installed{hint}{self._broken_hint()} Installed mailers: {installed}."]
-            )
-        return entry
-
-    def build_provider(self, settings: Settings) -> tuple[ProviderEntry, str, ChatProvider]:
+    def build_provider(self, settings: Settings) -> tuple[Entry, str, ChatProvider]:
         entry = self.provider_entry(settings.provider)
         model = self.resolve_model(entry, settings.chat_model)
-        try:
-            provider = entry.factory(settings)
-        except ConfigError:
-            raise
-        except Exception as exc:
-            raise ConfigError([f"PROVIDER={entry.name!r} could not start: {_error_text(exc)}"]) from exc
-        return entry, model, provider
+        _, provider = self.build("providers", settings.provider, settings)
+        # An SDK `Provider` may yield bare strings: the core wraps them (chat.as_chunk).
+        return entry, model, cast(ChatProvider, provider)
 
     def build_mailer(self, settings: Settings) -> Mailer:
         assert settings.mailer is not None
-        entry = self.mailer_entry(settings.mailer)
-        try:
-            return entry.factory(settings)
-        except ConfigError:
-            raise
-        except Exception as exc:
-            raise ConfigError([f"MAILER={entry.name!r} could not start: {_error_text(exc)}"]) from exc
+        _, mailer = self.build("mailers", settings.mailer, settings)
+        return cast(Mailer, mailer)
 
     def infos(self) -> list[PluginInfo]:
         return [info for name, info in sorted(self.plugins.items()) if name != "builtin"]
@@ -314,6 +331,8 @@ class PluginRegistry:
 
 __all__ = [
     "ENTRY_POINT_GROUP",
+    "Entry",
+    "Hookspecs",
     "MailerEntry",
     "MailerFactory",
     "PluginError",
@@ -323,7 +342,9 @@ __all__ = [
     "ProviderFactory",
     "RegisterMailer",
     "RegisterProvider",
+    "call_factory",
     "hookimpl",
     "hookspec",
     "registered",
+    "takes_settings",
 ]

@@ -14,11 +14,8 @@ import math
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from pymongo import ReturnDocument
-from pymongo.errors import DuplicateKeyError
-
 from innova_server import metrics
-from innova_server.db import Database
+from innova_server.db import Database, write_then_confirm
 from innova_server.errors import AppError, ErrorCode
 from innova_server.settings import RateLimit
 
@@ -55,15 +52,8 @@ class RateLimiter:
         expires_at = window_start + timedelta(seconds=limit.seconds)
         query = {"key": key, "window_start": window_start}
         update = {"$inc": {"count": amount}, "$setOnInsert": {"expires_at": expires_at}}
-        try:
-            doc = await self.db.rate_limits.find_one_and_update(
-                query, update, upsert=True, return_document=ReturnDocument.AFTER
-            )
-        except DuplicateKeyError:
-            # Two first hits raced on the upsert; the loser's update now applies.
-            doc = await self.db.rate_limits.find_one_and_update(query, update, return_document=ReturnDocument.AFTER)
-        if doc is None:  # SecantusDB quirk under concurrent upserts (DESIGN §2): re-read.
-            doc = await self.db.rate_limits.find_one(query)
+        # Confirmed by the window's own key: the count read back includes this hit.
+        doc = await write_then_confirm(self.db.rate_limits, query, update, confirm=query, upsert=True)
         count = int(doc["count"]) if doc else amount
         retry_after = max(1, math.ceil((expires_at - now).total_seconds()))
         return Hit(key, window_start, count, retry_after)

@@ -97,7 +97,7 @@ class PluginSettings(BaseSettings):
 
 
 class Settings(PluginSettings):
-    """The core configuration (DESIGN §3). Field names are the env variables, lower-cased."""
+    """The core configuration (the table in innova-server's README). Field names are the env variables, lower-cased."""
 
     env: Environment = "development"
     host: str = "127.0.0.1"
@@ -164,6 +164,8 @@ class Settings(PluginSettings):
     chat_daily_tokens_user: int | None = Field(None, ge=1)
 
     metrics_token: SecretStr | None = None
+    # The browser playground at /playground: always in development, elsewhere only when asked for.
+    playground: bool = False
     innova_load_plugins: CommaList | None = None
 
     @field_validator("allowed_origins", "trusted_proxies", "innova_load_plugins", mode="before")
@@ -220,6 +222,10 @@ class Settings(PluginSettings):
     @property
     def mongo_uri_value(self) -> str | None:
         return self.mongo_uri.get_secret_value() if self.mongo_uri else None
+
+    @property
+    def playground_enabled(self) -> bool:
+        return self.env == "development" or self.playground
 
     @property
     def chat_lease(self) -> timedelta:

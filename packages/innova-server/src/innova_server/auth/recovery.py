@@ -30,7 +30,6 @@ from email.message import EmailMessage
 from typing import NoReturn
 
 from bson import ObjectId
-from pymongo import ReturnDocument
 
 from innova_server import metrics
 from innova_server.auth.manager import ClientInfo
@@ -38,7 +37,7 @@ from innova_server.auth.passwords import Passwords
 from innova_server.auth.store import SessionStore, UserStore, utcnow
 from innova_server.auth.tokens import hash_token, is_well_formed, new_token
 from innova_server.background import BackgroundTasks
-from innova_server.db import Database
+from innova_server.db import Database, write_then_confirm
 from innova_server.errors import AppError, ErrorCode
 from innova_server.mail import Mailer, MailerError
 from innova_server.mails import password_changed_mail, reset_mail
@@ -146,16 +145,13 @@ class RecoveryManager:
         password_hash = await self.passwords.hash(password)
         now = utcnow()
         claim = secrets.token_hex(16)
-        doc = await self.tokens.find_one_and_update(
+        doc = await write_then_confirm(
+            self.tokens,
             {**valid, "expires_at": {"$gt": now}},
             {"$set": {"used": True, "used_at": now, "claim": claim}},
+            confirm={"token_hash": token_hash, "claim": claim},  # only our own claim can match
             projection={"user_id": True},
-            return_document=ReturnDocument.AFTER,
         )
-        if doc is None:
-            # Only our own claim can match: guards against a server that
-            # reports no document although this very update applied (DESIGN §2).
-            doc = await self.tokens.find_one({"token_hash": token_hash, "claim": claim}, {"user_id": True})
         if doc is None:  # another submission of this link won
             self._invalid()
         epoch = await self.users.replace_password(user_id, password_hash)

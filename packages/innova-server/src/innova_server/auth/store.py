@@ -7,10 +7,9 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from bson import ObjectId
-from pymongo import ReturnDocument
 from pymongo.errors import DuplicateKeyError
 
-from innova_server.db import Database, Document
+from innova_server.db import Database, Document, write_then_confirm
 
 
 def utcnow() -> datetime:
@@ -93,14 +92,14 @@ class UserStore:
 
     async def replace_password(self, user_id: str, password_hash: str) -> int | None:
         """Store a new password and start a new auth epoch; the new epoch, or None if the user is gone."""
-        doc = await self.collection.find_one_and_update(
+        doc = await write_then_confirm(
+            self.collection,
             {"_id": ObjectId(user_id)},
             {"$set": {"password_hash": password_hash, "updated_at": utcnow()}, "$inc": {"auth_epoch": 1}},
+            # The new hash (argon2, salted) is this write's own mark.
+            confirm={"_id": ObjectId(user_id), "password_hash": password_hash},
             projection={"auth_epoch": True},
-            return_document=ReturnDocument.AFTER,
         )
-        if doc is None:  # SecantusDB may report no document for an update that applied (DESIGN §2)
-            doc = await self.collection.find_one({"_id": ObjectId(user_id), "password_hash": password_hash})
         return int(doc.get("auth_epoch") or 0) if doc else None
 
     async def auth_epoch(self, user_id: str) -> int | None:

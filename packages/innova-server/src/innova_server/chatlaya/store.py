@@ -20,10 +20,9 @@ from typing import Any
 
 from bson import ObjectId
 from pymongo import DESCENDING, ReturnDocument, UpdateOne
-from pymongo.errors import DuplicateKeyError
 
 from innova_server.auth.store import object_id, utcnow
-from innova_server.db import Database, Document
+from innova_server.db import Database, Document, write_then_confirm
 
 # -- records -----------------------------------------------------------------
 
@@ -135,19 +134,10 @@ class ConversationStore:
         if found is not None:
             return found
         key = {"session_key": user_id}
-        doc: Document | None
-        try:
-            doc = await self.collection.find_one_and_update(
-                key,
-                {"$setOnInsert": self._new_doc(ObjectId(user_id), utcnow())},
-                upsert=True,
-                return_document=ReturnDocument.AFTER,
-            )
-        except DuplicateKeyError:  # lost the insert race: the winner's document exists now
-            doc = None
-        if doc is None:  # also SecantusDB's concurrent-upsert quirk (DESIGN §2): re-read
-            doc = await self.collection.find_one(key)
-        if doc is None:  # archived between our upsert and the re-read: fall back on the newest
+        doc = await write_then_confirm(
+            self.collection, key, {"$setOnInsert": self._new_doc(ObjectId(user_id), utcnow())}, confirm=key, upsert=True
+        )
+        if doc is None:  # archived between our upsert and the read: fall back on the newest
             return await self.active(user_id) or await self.create(user_id)
         return ConversationRecord.from_doc(doc)
 
@@ -341,16 +331,14 @@ class StreamSlots:
         expires_at = utcnow() + self.lease
         query = {"_id": slot.key, f"holders.{capacity - 1}": {"$exists": False}}
         update = {"$push": {"holders": {"id": slot.id, "expires_at": expires_at}}, "$max": {"expires_at": expires_at}}
-        doc: Document | None
-        try:
-            doc = await self.collection.find_one_and_update(
-                query, update, upsert=True, return_document=ReturnDocument.AFTER, projection={"_id": 1}
-            )
-        except DuplicateKeyError:  # lost the insert race: the document exists now
-            doc = await self.collection.find_one_and_update(query, update, projection={"_id": 1})
-            return doc is not None
-        if doc is None:  # SecantusDB's concurrent-upsert quirk (DESIGN §2): check what happened
-            doc = await self.collection.find_one({"_id": slot.key, "holders.id": slot.id}, projection={"_id": 1})
+        doc = await write_then_confirm(
+            self.collection,
+            query,
+            update,
+            confirm={"_id": slot.key, "holders.id": slot.id},
+            upsert=True,
+            projection={"_id": 1},
+        )
         return doc is not None
 
     async def renew(self, slot: Slot, until: datetime | None = None) -> None:

@@ -8,8 +8,14 @@
 - `innova_server.testing.fixtures`: pytest fixtures (a real MongoDB-wire
   server, settings, a live server on loopback); enable them with
   `pytest_plugins = ["innova_server.testing.fixtures"]` in a conftest.py.
-- `innova_server.testing.chat_client`: a signed-in HTTP client and a whole
-  Chatlaya reply read with httpx-sse.
+- `innova_server.testing.chat_client`: a signed-in HTTP client, a whole
+  Chatlaya reply read with httpx-sse, and a reply resumed from an event id.
+- `innova_server.testing.providers`: `ScriptedProvider` (queued replies,
+  errors, delays, gates, endless replies) and `ProviderPlugin`, to drive the
+  server without a model.
+- `innova_server.testing.browser`: a headless Chromium driven over the
+  DevTools protocol, for what only a browser enforces (CORS, cookies, SSE
+  over fetch).
 """
 
 from __future__ import annotations

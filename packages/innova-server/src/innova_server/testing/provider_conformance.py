@@ -27,7 +27,8 @@ Each test builds its provider, uses it and closes it inside one event loop
 (`asyncio.run`), so providers holding loop-bound clients work, and the suite
 needs neither pytest-asyncio nor any other plugin.
 
-What it checks (DESIGN §6): the stream yields `ChatChunk`s of text; their
+What it checks (the provider contract of docs/architecture.md, "Plugins"):
+the stream yields text, as `ChatChunk`s or bare `str`s; their
 concatenation is the reply; closing the iterator (and cancelling the task
 reading it) stops the stream promptly; failures are `ProviderError`
 subclasses only, with a known code; `aclose()` is safe twice; the event loop
@@ -50,7 +51,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from innova_server.chat import ChatChunk, ChatMessage, ChatProvider, ChatRequest, ProviderError
+from innova_server.chat import ChatChunk, ChatMessage, ChatProvider, ChatRequest, ProviderError, as_chunk
 from innova_server.errors import ErrorCode
 
 T = TypeVar("T")
@@ -147,8 +148,9 @@ class ProviderConformance:
     async def _collect(self, provider: ChatProvider, request: ChatRequest) -> list[ChatChunk]:
         chunks: list[ChatChunk] = []
         async with asyncio.timeout(self.reply_timeout):
-            async for chunk in provider.stream(request):
-                chunks.append(chunk)
+            async for item in provider.stream(request):
+                assert isinstance(item, ChatChunk | str), f"stream() yielded {type(item).__name__}"
+                chunks.append(as_chunk(item))
         return chunks
 
     async def _with_provider(
@@ -219,7 +221,7 @@ class ProviderConformance:
         async def body(provider: ChatProvider) -> None:
             stream = provider.stream(self.make_request())
             first = await asyncio.wait_for(anext(stream), self.reply_timeout)
-            assert isinstance(first, ChatChunk)
+            assert isinstance(first, ChatChunk | str)
             started = time.monotonic()
             await asyncio.wait_for(_close(stream), self.stop_timeout)
             assert time.monotonic() - started < self.stop_timeout
