@@ -6,14 +6,19 @@ database or package index."""
 from __future__ import annotations
 
 import datetime as dt
+import http.server
+import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, ClassVar
 
 import pytest
 
@@ -694,3 +699,187 @@ def test_remote_deploy_restarts_when_the_masters_own_packages_change(
     assert result.returncode == 0, result.stdout + result.stderr
     assert "restart innovaplus-backend.service" in calls.read_text().splitlines()
     assert "gunicorn, uvicorn or the Python changed" in result.stdout
+
+
+# -- backups off the host, alerts, the restore check -------------------------------------------
+
+
+def test_backup_copies_the_new_dump_off_the_host_with_rsync(
+    fake_bin: Callable[[str, str], Path], tmp_path: Path
+) -> None:
+    """A second directory stands in for the remote: real rsync, the same command as over SSH."""
+    if shutil.which("rsync") is None:
+        pytest.skip("rsync is not installed (Debian package rsync)")
+    remote = tmp_path / "remote"
+    remote.mkdir()
+    (remote / "innova-2020-01-01").mkdir()  # an old copy there: the remote keeps it
+    first = run_backup(fake_bin, tmp_path, BACKUP_REMOTE=str(remote), BACKUP_SSH="false")
+    assert first.returncode == 0, first.stdout + first.stderr
+    today = dt.date.today().isoformat()
+    assert (remote / f"innova-{today}" / "innova_db" / "users.bson").read_text() == "dump\n"
+    assert (remote / "innova-2020-01-01").is_dir()
+    assert f"copied to {remote}/innova-{today}" in first.stdout
+    # Without a destination the dump is kept, with a warning.
+    alone = run_backup(fake_bin, tmp_path)
+    assert alone.returncode == 0 and "BACKUP_REMOTE is not set" in alone.stderr
+
+
+def test_backup_fails_when_the_off_host_copy_fails(fake_bin: Callable[[str, str], Path], tmp_path: Path) -> None:
+    rsync = fake_bin(
+        "rsync", "#!/usr/bin/env bash\necho 'ssh: connect to host backup port 22: timed out' >&2\nexit 12\n"
+    )
+    result = run_backup(fake_bin, tmp_path, BACKUP_REMOTE="innova@backup.example:/srv/innova", RSYNC=str(rsync))
+    assert result.returncode == 12  # the unit fails: OnFailure= alerts
+    assert (tmp_path / "backups" / f"innova-{dt.date.today().isoformat()}").is_dir()  # the local dump stays
+
+
+class _Hook(http.server.BaseHTTPRequestHandler):
+    received: ClassVar[list[dict[str, Any]]] = []
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        _Hook.received.append({"type": self.headers["Content-Type"], "body": json.loads(body)})
+        self.send_response(200)
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_alert_posts_the_failed_unit_and_its_journal_to_the_webhook(
+    fake_bin: Callable[[str, str], Path], tmp_path: Path
+) -> None:
+    if shutil.which("curl") is None:
+        pytest.skip("curl is not installed")
+    server = http.server.HTTPServer(("127.0.0.1", 0), _Hook)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    journal = fake_bin("journalctl", '#!/usr/bin/env bash\necho "journal of $2: mongodump: connection refused"\n')
+    env_file = tmp_path / "alert.env"
+    env_file.write_text(f"ALERT_WEBHOOK_URL=http://127.0.0.1:{server.server_port}/hook\n")
+    try:
+        _Hook.received.clear()
+        result = subprocess.run(
+            ["bash", str(DEPLOY / "scripts" / "alert.sh"), "innovaplus-backup.service"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "ALERT_ENV_FILE": str(env_file), "JOURNALCTL": str(journal)},
+        )
+    finally:
+        server.shutdown()
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert len(_Hook.received) == 1 and _Hook.received[0]["type"] == "application/json"
+    text = _Hook.received[0]["body"]["text"]
+    assert text.startswith("INNOVAPLUS: innovaplus-backup.service failed on ")
+    assert "journal of innovaplus-backup.service: mongodump: connection refused" in text
+
+
+def test_alert_without_a_destination_fails_loudly(tmp_path: Path) -> None:
+    result = subprocess.run(
+        ["bash", str(DEPLOY / "scripts" / "alert.sh"), "innovaplus-backup.service"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "ALERT_ENV_FILE": str(tmp_path / "none.env")},
+    )
+    assert result.returncode == 1 and "neither ALERT_WEBHOOK_URL nor ALERT_EMAIL" in result.stderr
+
+
+def test_the_units_alert_on_failure() -> None:
+    for unit in ("systemd/innovaplus-backend.service", "backup/innovaplus-backup.service",
+                 "backup/innovaplus-restore-check.service"):  # fmt: skip
+        assert "OnFailure=innovaplus-alert@%n.service" in (DEPLOY / unit).read_text(), unit
+
+
+# A mongorestore that does what the real one does with the script's arguments,
+# with pymongo (the test's Python): --config (uri), --nsInclude/--nsFrom/--nsTo, --drop, --dir.
+FAKE_MONGORESTORE_PY = r"""#!{python}
+import os, re, sys
+from pathlib import Path
+import bson
+from pymongo import MongoClient
+args = sys.argv[1:]
+def value(name):
+    return args[args.index(name) + 1] if name in args else None
+uri = re.search(r'uri: "(.*)"', Path(value("--config")).read_text())[1]
+source = value("--nsInclude").split(".")[0]
+target = (value("--nsTo") or value("--nsInclude")).split(".")[0]
+skip = os.environ.get("FAKE_SKIP_COLLECTION")
+client = MongoClient(uri)
+for path in sorted((Path(value("--dir")) / source).glob("*.bson")):
+    if path.stem == skip:
+        continue
+    collection = client[target][path.stem]
+    if "--drop" in args:
+        collection.drop()
+    docs = list(bson.decode_file_iter(path.open("rb")))
+    if docs:
+        collection.insert_many(docs)
+"""
+
+
+def _write_dump(root: Path, day: dt.date, counts: dict[str, int]) -> Path:
+    from bson import encode
+
+    dump = root / f"innova-{day.isoformat()}" / "innova_db"
+    dump.mkdir(parents=True)
+    for name, count in counts.items():
+        with (dump / f"{name}.bson").open("wb") as out:
+            for i in range(count):
+                out.write(encode({"_id": i, "name": f"{name}-{i}"}))
+    return dump.parent
+
+
+def run_restore_check(
+    fake_bin: Callable[[str, str], Path], tmp_path: Path, mongo_uri: str, scratch: str, **extra: str
+) -> subprocess.CompletedProcess[str]:
+    restore = fake_bin("mongorestore", FAKE_MONGORESTORE_PY.replace("{python}", sys.executable))
+    env = {
+        **{k: v for k, v in os.environ.items() if k not in ("MONGO_URI", "DB_NAME")},
+        "ENV_FILE": str(tmp_path / "none.env"),
+        "MONGO_URI": mongo_uri,
+        "DB_NAME": "innova_db",
+        "BACKUP_ROOT": str(tmp_path / "backups"),
+        "RESTORE_CHECK_DB": scratch,
+        "MONGORESTORE": str(restore),
+        **extra,
+    }
+    return subprocess.run(
+        [sys.executable, str(DEPLOY / "backup" / "restore-check.py")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+
+
+def test_restore_check_restores_the_newest_dump_into_a_scratch_database(
+    fake_bin: Callable[[str, str], Path], tmp_path: Path, mongo_uri: str
+) -> None:
+    from pymongo import MongoClient
+
+    scratch = f"innova_restore_check_{uuid.uuid4().hex[:6]}"
+    today = dt.date.today()
+    _write_dump(tmp_path / "backups", today - dt.timedelta(days=5), {"users": 1})  # older: not this one
+    _write_dump(tmp_path / "backups", today, {"users": 3, "messages": 7, "sessions": 0})
+    result = run_restore_check(fake_bin, tmp_path, mongo_uri, scratch)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"OK: innova-{today.isoformat()}, 3 collections, 10 documents restored" in result.stdout
+    assert "messages: 7 in the dump, 7 restored" in result.stdout
+    with MongoClient(mongo_uri) as client:
+        assert scratch not in client.list_database_names()  # dropped after the check
+    # A restore that loses a collection fails the check (and the unit: OnFailure alerts).
+    broken = run_restore_check(fake_bin, tmp_path, mongo_uri, scratch, FAKE_SKIP_COLLECTION="messages")
+    assert broken.returncode == 1
+    assert "FAILED: restored counts differ: messages (0 of 7)" in broken.stdout
+
+
+def test_restore_check_fails_when_the_backups_stopped(
+    fake_bin: Callable[[str, str], Path], tmp_path: Path, mongo_uri: str
+) -> None:
+    _write_dump(tmp_path / "backups", dt.date.today() - dt.timedelta(days=9), {"users": 2})
+    result = run_restore_check(fake_bin, tmp_path, mongo_uri, "innova_restore_check_x")
+    assert result.returncode == 1 and "is 9 days old" in result.stdout
+    refused = run_restore_check(fake_bin, tmp_path, mongo_uri, "innova_db")
+    assert refused.returncode == 1 and "must not be the live database" in refused.stdout

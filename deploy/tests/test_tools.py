@@ -137,8 +137,12 @@ def test_nginx_test_catches_a_broken_site(
 
 UNITS = [
     DEPLOY / "systemd" / "innovaplus-backend.service",
+    DEPLOY / "systemd" / "innovaplus-alert@.service",
+    DEPLOY / "systemd" / "innovaplus-llama.service",
     DEPLOY / "backup" / "innovaplus-backup.service",
     DEPLOY / "backup" / "innovaplus-backup.timer",
+    DEPLOY / "backup" / "innovaplus-restore-check.service",
+    DEPLOY / "backup" / "innovaplus-restore-check.timer",
 ]
 
 
@@ -155,13 +159,19 @@ def _verify_units(units: list[Path], tmp_path: Path) -> str:
     gunicorn = find_tool("gunicorn")
     assert gunicorn, "gunicorn is not installed (innova-server[production])"
     (root / ".venv" / "bin" / "gunicorn").symlink_to(gunicorn)
+    (root / ".venv" / "bin" / "python").symlink_to(sys.executable)
+    # The model server's binary (built from llama.cpp, deploy/README.md): a stand-in.
+    llama = tmp_path / "llama-server"
+    llama.write_text("#!/bin/sh\n")
+    llama.chmod(0o755)
     (root / "deploy").symlink_to(DEPLOY)
     work = tmp_path / "units"
     work.mkdir()
     copies = []
     for unit in units:
         copy = work / unit.name
-        copy.write_text(unit.read_text().replace("/opt/innovaplus/backend", str(root)))
+        text = unit.read_text().replace("/opt/innovaplus/backend", str(root))
+        copy.write_text(text.replace("/usr/local/bin/llama-server", str(llama)))
         copies.append(copy)
     env = {**os.environ, "SYSTEMD_LOG_COLOR": "0", "SYSTEMD_PAGER": ""}
     result = subprocess.run(
