@@ -555,7 +555,7 @@ FAKE_RECORDER = r"""#!/usr/bin/env bash
 set -euo pipefail
 printf '%s\n' "$@" > "$FAKE_LOG"
 : > "$FAKE_LOG.env"
-for name in MONGO_URI MONGO_ROOT_USERNAME MONGO_ROOT_PASSWORD INNOVA_APP_USER INNOVA_APP_PASSWORD INNOVA_DB_NAME; do
+for name in MONGO_URI MONGO_ROOT_USERNAME MONGO_ROOT_PASSWORD INNOVA_APP_USER INNOVA_APP_PASSWORD INNOVA_DB_NAME RS_MEMBERS; do
   if [[ -n "${!name:-}" ]]; then echo "$name=${!name}" >> "$FAKE_LOG.env"; fi
 done
 if [[ ! -t 0 ]]; then cat > "$FAKE_LOG.stdin"; fi
@@ -598,6 +598,46 @@ def test_create_appuser_puts_no_password_on_a_command_line(
     login = 'db.getSiblingDB("admin").auth(process.env.MONGO_ROOT_USERNAME, process.env.MONGO_ROOT_PASSWORD)'
     assert script.startswith(login)  # mongosh logs in from the script, not from -p
     assert (DEPLOY / "mongo" / "initdb" / "01-appuser.js").read_text() in script
+
+
+def test_rs_initiate_makes_a_three_member_set_without_a_password_on_a_command_line(
+    fake_bin: Callable[[str, str], Path], tmp_path: Path
+) -> None:
+    docker = fake_bin("docker", FAKE_RECORDER)
+    mongo_env = tmp_path / "mongo.env"
+    mongo_env.write_text("MONGO_ROOT_PASSWORD=r00t-s3cret\nAPP_PASSWORD=app-s3cret\nMEMBER_ADDRESS=10.0.0.21\n")
+    log = tmp_path / "docker.args"
+    members = "db1.internal:27017 db2.internal:27017 db3.internal:27017"
+    env = {"MONGO_ENV_FILE": str(mongo_env), "FAKE_LOG": str(log), "RS_MEMBERS": members}
+    result = run_with_fakes(DEPLOY / "mongo" / "rs-initiate.sh", docker.parent, env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "s3cret" not in log.read_text()
+    passed = dict(line.split("=", 1) for line in (tmp_path / "docker.args.env").read_text().splitlines())
+    assert passed["RS_MEMBERS"] == members and passed["INNOVA_APP_PASSWORD"] == "app-s3cret"
+    script = (tmp_path / "docker.args.stdin").read_text()
+    assert 'rs.initiate({ _id: "innova"' in script
+    assert (DEPLOY / "mongo" / "initdb" / "01-appuser.js").read_text() in script
+    # Two members cannot elect a primary when one is down: refused.
+    two = run_with_fakes(DEPLOY / "mongo" / "rs-initiate.sh", docker.parent, {**env, "RS_MEMBERS": "a:1 b:1"})
+    assert two.returncode == 2 and "must name 3 members" in two.stderr
+
+
+def test_the_replica_set_compose_file_uses_a_keyfile_and_a_private_address() -> None:
+    text = (DEPLOY / "mongo" / "compose-replicaset.yaml").read_text()
+    assert '"--replSet", "innova", "--keyFile", "/etc/mongo-keyfile", "--auth"' in text
+    assert "/etc/innovaplus/mongo-keyfile:/etc/mongo-keyfile:ro" in text
+    assert '"${MEMBER_ADDRESS:?' in text and "0.0.0.0:27017" not in text
+    assert "replicaSet=innova" in text
+    if shutil.which("docker") and subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0:
+        env = {**os.environ, "MONGO_ROOT_PASSWORD": "x", "APP_PASSWORD": "y", "MEMBER_ADDRESS": "10.0.0.21"}
+        result = subprocess.run(
+            ["docker", "compose", "-f", str(DEPLOY / "mongo" / "compose-replicaset.yaml"), "config", "--quiet"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+        )
+        assert result.returncode == 0, result.stderr
 
 
 URI = "mongodb://appuser:app-s3cret@127.0.0.1:27017/innova_db?authSource=innova_db"
