@@ -555,7 +555,8 @@ FAKE_RECORDER = r"""#!/usr/bin/env bash
 set -euo pipefail
 printf '%s\n' "$@" > "$FAKE_LOG"
 : > "$FAKE_LOG.env"
-for name in MONGO_URI MONGO_ROOT_USERNAME MONGO_ROOT_PASSWORD INNOVA_APP_USER INNOVA_APP_PASSWORD INNOVA_DB_NAME RS_MEMBERS; do
+for name in MONGO_URI MONGO_ROOT_USERNAME MONGO_ROOT_PASSWORD INNOVA_APP_USER INNOVA_APP_PASSWORD INNOVA_DB_NAME \
+    RS_MEMBERS; do
   if [[ -n "${!name:-}" ]]; then echo "$name=${!name}" >> "$FAKE_LOG.env"; fi
 done
 if [[ ! -t 0 ]]; then cat > "$FAKE_LOG.stdin"; fi
