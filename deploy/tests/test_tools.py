@@ -253,3 +253,16 @@ def test_compose_binds_mongo_to_loopback_with_auth_and_a_volume() -> None:
 
 def test_python_files_compile() -> None:
     subprocess.run([sys.executable, "-m", "py_compile", str(DEPLOY / "gunicorn.conf.py")], check=True)
+
+
+def test_the_deploy_rolls_over_the_hosts_one_at_a_time() -> None:
+    """One host at a time, each reloaded (remote-deploy.sh) and healthy on its own
+    before the next; the first failure stops the rest; then the public address."""
+    text = (REPO / ".github" / "workflows" / "deploy-backend.yml").read_text()
+    deploy = text[text.index("\n  deploy:\n") : text.index("\n  public-health:\n")]
+    assert "max-parallel: 1" in deploy and "fail-fast: true" in deploy
+    assert "host: ${{ fromJSON(needs.hosts.outputs.list) }}" in deploy
+    assert deploy.index("deploy/scripts/remote-deploy.sh") < deploy.index("wait-healthy.sh' http://127.0.0.1:8000/health")
+    public = text[text.index("\n  public-health:\n") :]
+    assert "needs: deploy" in public and 'wait-healthy.sh "$HEALTH_URL"' in public
+    assert "systemctl restart" not in text
