@@ -547,3 +547,38 @@ def test_a_primary_election_mid_traffic_loses_nothing_and_never_500s(cluster: Cl
     # And it is over: a write through nginx succeeds.
     email, _ = register(cluster.https, verify=ssl.create_default_context(cafile=str(cluster.ca)))
     assert email
+
+
+def test_behind_a_load_balancer_the_real_client_ip_reaches_the_app(
+    cluster: Cluster, test_ca: TLSFiles, tmp_path: Path
+) -> None:
+    """With deploy/nginx/innovaplus-real-ip.conf (the load balancer's address in
+    set_real_ip_from; here loopback stands for it), nginx takes the client from
+    the balancer's X-Forwarded-For and passes it on: the session records it."""
+    nginx = require_tool("nginx", "Debian package nginx")
+    snippet = tmp_path / "innovaplus-real-ip.conf"
+    text = (SITE_CONF.parent / "innovaplus-real-ip.conf").read_text()
+    assert "set_real_ip_from 10.0.0.0/24;" in text
+    snippet.write_text(text.replace("set_real_ip_from 10.0.0.0/24;", "set_real_ip_from 127.0.0.1;"))
+    port = int(cluster.hosts[0].url.rsplit(":", 1)[1])
+    layout = render_nginx(
+        SITE_CONF, tmp_path / "nginx", cert=test_ca.cert, key=test_ca.key, upstream_port=port, includes=(snippet,),
+        ipv6=False,
+    )  # fmt: skip
+    check = subprocess.run(layout.command(nginx, "-t"), capture_output=True, text=True, timeout=30)
+    assert check.returncode == 0, check.stderr
+    process = subprocess.Popen(layout.command(nginx), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port(layout.https_port, process=process)
+        agent = f"behind-lb-{uuid.uuid4().hex[:8]}"
+        # The balancer appended the client it saw (198.51.100.7) to what the client claimed.
+        register(
+            f"https://127.0.0.1:{layout.https_port}",
+            verify=ssl.create_default_context(cafile=str(cluster.ca)),
+            headers={"User-Agent": agent, "X-Forwarded-For": "203.0.113.66, 198.51.100.7"},
+        )
+    finally:
+        stop_process(process, signal.SIGTERM)
+    with cluster.db() as mongo:
+        session = mongo[cluster.db_name].sessions.find_one({"user_agent": agent})
+    assert session is not None and session["ip"] == "198.51.100.7"
