@@ -262,7 +262,9 @@ def test_the_deploy_rolls_over_the_hosts_one_at_a_time() -> None:
     deploy = text[text.index("\n  deploy:\n") : text.index("\n  public-health:\n")]
     assert "max-parallel: 1" in deploy and "fail-fast: true" in deploy
     assert "host: ${{ fromJSON(needs.hosts.outputs.list) }}" in deploy
-    assert deploy.index("deploy/scripts/remote-deploy.sh") < deploy.index("wait-healthy.sh' http://127.0.0.1:8000/health")
+    assert deploy.index("deploy/scripts/remote-deploy.sh") < deploy.index(
+        "wait-healthy.sh' http://127.0.0.1:8000/health"
+    )
     public = text[text.index("\n  public-health:\n") :]
     assert "needs: deploy" in public and 'wait-healthy.sh "$HEALTH_URL"' in public
     assert "systemctl restart" not in text
