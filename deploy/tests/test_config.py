@@ -107,7 +107,14 @@ def _print_config(tmp_path: Path, **env: str) -> dict[str, str]:
         text=True,
         timeout=120,
         cwd=tmp_path,
-        env={"PATH": os.environ.get("PATH", ""), "TMPDIR": str(tmp_path), "MONGO_URI": "mongodb://127.0.0.1:9", **env},
+        # `--print-config` imports the app, which wants ENV set (any value: the config is what is read).
+        env={
+            "PATH": os.environ.get("PATH", ""),
+            "TMPDIR": str(tmp_path),
+            "MONGO_URI": "mongodb://127.0.0.1:9",
+            "ENV": "development",
+            **env,
+        },
     )
     assert result.returncode == 0, result.stdout + result.stderr
     config = {}

@@ -208,3 +208,21 @@ def test_legacy_prefix_serves_the_same_handlers_with_deprecation_headers(server)
         assert client.get("/auth/me").headers.get("deprecation") is None
         metrics = client.get("/metrics").text
     assert 'innova_legacy_auth_requests_total{route="/innova/api/auth/me"}' in metrics
+
+
+@pytest.mark.parametrize("order", ["ours first", "theirs first", "two headers"])
+def test_a_request_with_two_session_cookies_is_not_authenticated(server, order):
+    """Cookie tossing: a sibling subdomain sets `innova_session` for the parent domain."""
+    with httpx.Client(base_url=server.url) as client:
+        response = client.post("/auth/register", json={"email": "tossed@example.com", "password": "correct horse"})
+        ours = response.cookies["innova_session"]
+    theirs = "A" * 43  # well-formed, someone else's session
+    if order == "two headers":
+        headers = [("cookie", f"innova_session={ours}"), ("cookie", f"innova_session={theirs}")]
+    else:
+        pair = [f"innova_session={ours}", f"innova_session={theirs}"]
+        headers = [("cookie", "; ".join(pair if order == "ours first" else reversed(pair)))]
+    response = httpx.get(f"{server.url}/auth/me", headers=headers)
+    assert response.status_code == 401 and response.json()["detail"]["code"] == "not_authenticated"
+    alone = httpx.get(f"{server.url}/auth/me", headers={"cookie": f"other=1; innova_session={ours}"})
+    assert alone.status_code == 200

@@ -347,3 +347,17 @@ def test_conformance_suite_accepts_anyio_worker_threads():
     suite.stop_timeout = 0.3
     suite.test_closing_the_iterator_stops_the_stream(AnyioThreadProvider)
     suite.test_streams_text_chunks(AnyioThreadProvider)
+
+
+@pytest.mark.parametrize("value", [None, "", "  "])
+def test_asgi_entry_point_refuses_an_unset_env(plugin_dir, mongo_uri, value):
+    env = cli_env(plugin_dir, MONGO_URI=mongo_uri)
+    env.pop("ENV", None)
+    if value is not None:
+        env["ENV"] = value
+    result = subprocess.run(
+        [sys.executable, "-c", "import innova_server.asgi"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 3
+    assert result.stderr.strip().startswith("innova: configuration error: ENV is not set")
+    assert "Traceback" not in result.stderr

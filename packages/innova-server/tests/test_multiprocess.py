@@ -87,3 +87,17 @@ def test_two_workers_share_sessions_rate_limits_and_metrics(tmp_path: Path, mong
         process.terminate()
         process.wait(30)
         mongo_client.drop_database(db_name)
+
+
+@pytest.mark.slow
+def test_gunicorn_refuses_to_boot_the_app_without_env(tmp_path: Path, mongo_uri: str):
+    """ENV unset would mean development (the console mailer logs reset links): the workers refuse to boot."""
+    env = {key: value for key, value in os.environ.items() if key != "ENV"}
+    env.update({"MONGO_URI": mongo_uri, "COOKIE_SECURE": "false"})
+    command = [
+        sys.executable, "-m", "gunicorn", "innova_server.asgi:app",
+        "--worker-class", "uvicorn_worker.UvicornWorker", "--workers", "1", "--bind", f"127.0.0.1:{free_port()}",
+    ]  # fmt: skip
+    result = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 3  # gunicorn: "Worker failed to boot", and the master stops
+    assert "innova: configuration error: ENV is not set" in result.stderr

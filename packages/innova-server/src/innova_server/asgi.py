@@ -3,10 +3,16 @@
 A configuration problem prints one line per problem on stderr and exits with
 status 3, which gunicorn treats as "worker failed to boot" and stops instead
 of respawning forever.
+
+`ENV` must be set in the process's real environment: unset means development,
+whose console mailer logs every password-reset link — a production server
+started without it would hand any account to whoever reads its logs. So this
+entry point refuses to guess (`innova serve` is the development entry point).
 """
 
 from __future__ import annotations
 
+import os
 import sys
 
 from innova_server.app import create_app
@@ -14,6 +20,13 @@ from innova_server.logconfig import configure_logging, stream_is_journal
 from innova_server.settings import ConfigError
 
 try:
+    if not os.environ.get("ENV", "").strip():
+        raise ConfigError(
+            [
+                "ENV is not set: set ENV=production in the service's environment "
+                "(/etc/innovaplus/backend.env), or ENV=development / ENV=test explicitly."
+            ]
+        )
     configure_logging()
     app = create_app()
 except ConfigError as error:
