@@ -18,7 +18,7 @@
 #                   its own retention is its business, and a compromised API
 #                   host cannot erase it through this script.
 #   BACKUP_SSH      the ssh command rsync runs (default: the key and known_hosts
-#                   of /etc/innovaplus/backup_ssh, see deploy/README.md 1.9)
+#                   of /etc/innovaplus/backup_ssh, see deploy/README.md 1.10)
 #   RSYNC           the rsync command (default rsync)
 # A failure exits non-zero: the unit then fails and OnFailure= alerts.
 set -euo pipefail

@@ -46,7 +46,7 @@ if [[ ! -r "$PLUGINS_FILE" ]]; then
     elif [[ -e "$PLUGINS_FILE" ]]; then
         die "$PLUGINS_FILE is not readable by $(id -un) (it must be mode 644: sudo chmod 644 $PLUGINS_FILE)"
     else
-        die "$PLUGINS_FILE does not exist: create it, one plugin package per line (deploy/README.md 1.3)"
+        die "$PLUGINS_FILE does not exist: create it, one plugin package per line (deploy/README.md 1.4)"
     fi
 fi
 plugins=()
@@ -56,7 +56,7 @@ while read -r name _ || [[ -n ${name:-} ]]; do  # also a last line without its n
 done <"$PLUGINS_FILE"
 if [[ ${#plugins[@]} -eq 0 ]]; then
     die "$PLUGINS_FILE lists no package (it needs the provider's and, in production," \
-        "innova-mailer; deploy/README.md 1.3)"
+        "innova-mailer; deploy/README.md 1.4)"
 fi
 
 if [[ ! -r "$CONSTRAINTS" ]]; then
