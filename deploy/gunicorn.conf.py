@@ -48,8 +48,18 @@ def _bind_address() -> str:
 
 # -- where and how many ---------------------------------------------------------
 
+def _binds() -> list[str]:
+    """HOST:PORT, and also 127.0.0.1:PORT when HOST is a private address (several
+    hosts): the deploy's health check and a local scrape of /metrics ask loopback."""
+    host = os.environ.get("HOST", "").strip() or "127.0.0.1"
+    binds = [_bind_address()]
+    if host not in ("127.0.0.1", "::1", "localhost", "0.0.0.0", "::"):
+        binds.append(f"127.0.0.1:{_int('PORT', 8000)}")
+    return binds
+
+
 wsgi_app = "innova_server.asgi:app"
-bind = [_bind_address()]
+bind = _binds()
 worker_class = "uvicorn_worker.UvicornWorker"
 workers = max(1, _int("WEB_CONCURRENCY", max(2, os.cpu_count() or 1)))
 proc_name = "innovaplus-backend"

@@ -145,6 +145,9 @@ def test_gunicorn_config_follows_the_environment(tmp_path: Path) -> None:
     assert config["bind"] == "['[::1]:8123']"
     assert config["timeout"] == "90"
     assert config["control_socket_disable"] == "True"
+    # An app host of several binds its private address, and loopback for the local checks.
+    private = _print_config(tmp_path, HOST="10.0.0.11", PORT="8000")
+    assert private["bind"] == "['10.0.0.11:8000', '127.0.0.1:8000']"
 
 
 def test_gunicorn_believes_forwarded_headers_from_trusted_proxies_only(tmp_path: Path) -> None:
