@@ -37,7 +37,8 @@ def test_register_sets_session_cookie_and_me_returns_user(server, db):
         user = response.json()["user"]
         assert user["email"] == "ada@example.com"
         assert user["name"] == "Ada"
-        assert set(user) == {"id", "email", "name", "created_at"}
+        assert set(user) == {"id", "email", "name", "email_verified", "created_at"}
+        assert user["email_verified"] is False
         assert datetime.fromisoformat(user["created_at"]).tzinfo is not None
 
         me = client.get("/auth/me")

@@ -12,7 +12,6 @@ import re
 import time
 from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
-from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
@@ -22,33 +21,19 @@ from innova_server.mail import MailerError
 from innova_server.mails import ascii_address
 from innova_server.plugins import RegisterMailer, hookimpl
 from innova_server.testing import registered
-from innova_server.testing.server import wait_for
+from innova_server.testing.mailbox import (
+    PASSWORD_CHANGED,
+    RESET,
+    link_of,
+    sent,
+    token_of,
+    verify_address,
+    wait_for_mails,
+    wait_idle,
+)
 
 PASSWORD = "correct horse battery"
 NEW_PASSWORD = "tout nouveau mot de passe"
-LINK = re.compile(r"https?://\S+/reset\?\S+")
-
-
-def wait_for_mails(server, count: int, timeout: float = 10.0) -> list[EmailMessage]:
-    """The mails the console mailer has received once there are `count` of them."""
-    wait_for(lambda: len(server.services.mailer.sent) >= count, timeout, what=f"{count} mail(s)")
-    return list(server.services.mailer.sent)
-
-
-def wait_idle(server, timeout: float = 10.0) -> None:
-    """Until the server has no background task left (mails sent or failed)."""
-    wait_for(lambda: len(server.services.tasks) == 0, timeout, what="background tasks to finish")
-
-
-def link_of(message: EmailMessage) -> str:
-    text = message.get_body(preferencelist=("plain",)).get_content()
-    match = LINK.search(text)
-    assert match, text
-    return match.group(0)
-
-
-def token_of(message: EmailMessage) -> str:
-    return parse_qs(urlsplit(link_of(message)).query)["token"][0]
 
 
 def register(client: httpx.Client, email: str, password: str = PASSWORD, **extra: object) -> httpx.Response:
@@ -59,7 +44,7 @@ def register(client: httpx.Client, email: str, password: str = PASSWORD, **extra
 
 def forgot_and_get_token(client: httpx.Client, server, email: str, already: int = 0) -> str:
     assert client.post("/auth/forgot", json={"email": email}).status_code == 202
-    return token_of(wait_for_mails(server, already + 1)[already])
+    return token_of(wait_for_mails(server, already + 1, about=RESET)[already])
 
 
 def test_forgot_is_the_same_202_for_known_and_unknown_addresses(server, db):
@@ -71,9 +56,9 @@ def test_forgot_is_the_same_202_for_known_and_unknown_addresses(server, db):
     assert known.json() == unknown.json()
     assert set(known.json()) == {"detail"}
     assert known.headers.get("set-cookie") is None
-    mails = wait_for_mails(server, 1)
+    mails = wait_for_mails(server, 1, about=RESET)
     wait_idle(server)
-    assert len(server.services.mailer.sent) == 1  # none for the unknown address
+    assert len(sent(server, RESET)) == 1  # none for the unknown address
     assert mails[0]["To"] == "ada@example.com"
 
     token = token_of(mails[0])
@@ -96,7 +81,7 @@ def test_reset_ttl_follows_the_setting(start_server, db):
         forgot_and_get_token(client, server, "ttl@example.com")
     stored = db.password_reset_tokens.find_one({})
     assert stored["expires_at"] - stored["created_at"] == timedelta(minutes=5)
-    assert "5 minutes" in link_context(server.services.mailer.sent[0])
+    assert "5 minutes" in link_context(sent(server, RESET)[0])
 
 
 def link_context(message: EmailMessage) -> str:
@@ -110,8 +95,9 @@ def test_the_reset_mail(start_server):
     email = "ada+test@example.com"
     with httpx.Client(base_url=server.url) as client:
         register(client, email, name="Ada <b>&</b> Lovelace")
+        verify_address(client, server, email)  # mails show the name only once the address is verified
         token = forgot_and_get_token(client, server, email)
-    message = server.services.mailer.sent[0]
+    message = sent(server, RESET)[0]
 
     assert message.get_content_type() == "multipart/alternative"
     assert [part.get_content_type() for part in message.iter_parts()] == ["text/plain", "text/html"]
@@ -172,7 +158,7 @@ def test_the_whole_reset_flow(server, db):
     assert stored["used"] is True and stored["used_at"] >= stored["created_at"]
     assert db.users.find_one({"email": email})["password_hash"].startswith("$argon2id$")
 
-    notice = wait_for_mails(server, 2)[1]
+    notice = wait_for_mails(server, 1, about=PASSWORD_CHANGED)[0]
     assert notice["To"] == email
     assert "modifié" in notice["Subject"]
     assert notice.get_content_type() == "multipart/alternative"
@@ -202,7 +188,7 @@ def test_legacy_prefix_serves_forgot_and_reset(server):
         assert response.status_code == 202
         assert response.headers["deprecation"] == "true"
         assert response.headers["link"] == '</auth/forgot>; rel="successor-version"'
-        token = token_of(wait_for_mails(server, 1)[0])
+        token = token_of(wait_for_mails(server, 1, about=RESET)[0])
         reset = client.post("/innova/api/auth/reset", json={"token": token, "email": email, "password": NEW_PASSWORD})
         assert reset.status_code == 200
         assert reset.headers["link"] == '</auth/reset>; rel="successor-version"'
@@ -348,7 +334,7 @@ def test_forgot_is_rate_limited_per_email(start_server):
         assert 1 <= int(limited.headers["retry-after"]) <= 3600
         assert client.post("/auth/forgot", json={"email": "fresh@example.com"}).status_code == 202
     wait_idle(server)
-    assert len(server.services.mailer.sent) == 2
+    assert len(sent(server, RESET)) == 2
 
 
 def test_forgot_is_rate_limited_per_ip(start_server):
@@ -417,7 +403,7 @@ def test_forgot_does_not_wait_for_the_mail_and_takes_similar_time(start_server):
     # The mailer takes 3 s; neither answer waits for it.
     assert max(t for _, t in known + unknown) < 2.0
     deadline = time.monotonic() + 10
-    while len(server.services.mailer.sent) < 3:
+    while len(sent(server, RESET)) < 3:
         assert time.monotonic() < deadline
         time.sleep(0.05)
 
@@ -436,7 +422,7 @@ def test_mailer_failure_is_logged_without_secrets_and_counted(start_server, capl
         assert known.status_code == unknown.status_code == 202
         assert known.json() == unknown.json()
         wait_idle(server)
-        token = token_of(server.services.mailer.sent[0])
+        token = token_of(sent(server, RESET)[0])
         assert mail_failures(client) == before + 1
         # The link still works: the token was stored before the mail failed.
         reset = client.post("/auth/reset", json={"token": token, "email": email, "password": NEW_PASSWORD})
@@ -473,10 +459,10 @@ def test_production_refuses_the_console_mailer(make_settings):
 def test_an_internationalised_domain_gets_its_mail_in_idna_form(server):
     email = "ana@exémple.fr"
     with httpx.Client(base_url=server.url) as client:
-        already = len(server.services.mailer.sent)
+        already = len(sent(server, RESET))
         register(client, email)
         token = forgot_and_get_token(client, server, email, already=already)
-        message = server.services.mailer.sent[already]
+        message = sent(server, RESET)[already]
         # An ASCII header a mail server accepts, not an RFC 2047-encoded address.
         assert message["To"] == "ana@xn--exmple-cva.fr"
         assert b"To: ana@xn--exmple-cva.fr" in message.as_bytes()

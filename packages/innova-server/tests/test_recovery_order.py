@@ -27,6 +27,7 @@ from innova_server.db import Database
 from innova_server.embedded import EmbeddedMongo
 from innova_server.mails import reset_mail
 from innova_server.ratelimit import RateLimiter
+from innova_server.testing.mailbox import RESET, text_of, wait_for_mails
 from innova_server.testing.server import wait_for
 
 PASSWORD = "correct horse battery"
@@ -190,9 +191,8 @@ def test_the_console_mailer_logs_the_reset_link(server, caplog):
     with httpx.Client(base_url=server.url) as client:
         assert client.post("/auth/register", json={"email": email, "password": PASSWORD}).status_code == 201
         assert client.post("/auth/forgot", json={"email": email}).status_code == 202
-    wait_for(lambda: len(server.services.mailer.sent) >= 1, 10, what="the mail")
-    body = server.services.mailer.sent[0].get_body(preferencelist=("plain",)).get_content()
+    body = text_of(wait_for_mails(server, 1, about=RESET)[0])
     link = re.search(r"https?://\S+/reset\?\S+", body).group(0)
-    logged = [r for r in caplog.records if r.name == "innova.mail"]
+    logged = [r for r in caplog.records if r.name == "innova.mail" and RESET in r.getMessage()]
     assert logged and logged[0].levelno == logging.WARNING
     assert link in logged[0].getMessage() and "development only" in logged[0].getMessage()

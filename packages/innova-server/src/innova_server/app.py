@@ -13,11 +13,12 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 
 from innova_server import __version__, health, metrics, playground
+from innova_server.auth.dependencies import require_verified_email
 from innova_server.auth.legacy import LEGACY_PREFIX, LegacyAuthMiddleware
 from innova_server.auth.router import build_router as build_auth_router
 from innova_server.chatlaya.router import build_router as build_chat_router
@@ -70,6 +71,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         index_task = asyncio.create_task(_ensure_indexes_until_done(services))
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(index_task), timeout=10)
+        # Account deletions an earlier process left half done (see auth.erasure).
+        services.tasks.spawn("pending_erasures", services.account.finish_pending())
         log.info(
             "innova %s ready: env=%s provider=%s model=%s mailer=%s",
             __version__, settings.env, services.provider_entry.name, services.model, settings.mailer,
@@ -101,7 +104,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(metrics.router)
     app.include_router(build_auth_router("/auth"))
     app.include_router(build_auth_router(LEGACY_PREFIX, deprecated=True))
-    app.include_router(build_chat_router())
+    # REQUIRE_VERIFIED_EMAIL: every chat route asks for a verified address (a
+    # no-op when the setting is off). Added here so Chatlaya needs no change.
+    app.include_router(build_chat_router(), dependencies=[Depends(require_verified_email)])
     if settings.playground_enabled:
         app.include_router(playground.router)
 

@@ -1,4 +1,4 @@
-"""The `innova` command: serve, check, db init, plugins, chat.
+"""The `innova` command: serve, check, db init, plugins, chat, users (`cli_users`).
 
 Configuration errors are printed one per line, without a traceback, and the
 command exits with status 2.
@@ -15,6 +15,7 @@ import sys
 from collections.abc import Sequence
 
 from innova_server import __version__
+from innova_server.cli_users import add_users_parser
 from innova_server.settings import ConfigError, Settings, load_settings
 
 EXIT_CONFIG = 2
@@ -334,6 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--system", help="system prompt (default: CHAT_SYSTEM_PROMPT; '' for none)")
     chat.add_argument("-q", "--quiet", action="store_true", help="no summary line on stderr")
     chat.set_defaults(handler=cmd_chat)
+
+    add_users_parser(commands)
     return parser
 
 

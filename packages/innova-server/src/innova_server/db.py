@@ -35,6 +35,17 @@ INDEXES: dict[str, list[IndexModel]] = {
         IndexModel([("expires_at", ASCENDING)], expireAfterSeconds=0, name="expires_at_ttl"),
         IndexModel([("user_id", ASCENDING)], name="user_id"),
     ],
+    # Email verification links; same shape and rules as the reset links.
+    "devices": [
+        IndexModel([("token_hash", ASCENDING), ("user_id", ASCENDING)], unique=True, name="token_user_unique"),
+        IndexModel([("expires_at", ASCENDING)], expireAfterSeconds=0, name="expires_at_ttl"),
+        IndexModel([("user_id", ASCENDING)], name="user_id"),
+    ],
+    "verify_tokens": [
+        IndexModel([("token_hash", ASCENDING)], unique=True, name="token_hash_unique"),
+        IndexModel([("expires_at", ASCENDING)], expireAfterSeconds=0, name="expires_at_ttl"),
+        IndexModel([("user_id", ASCENDING)], name="user_id"),
+    ],
     "conversations": [
         IndexModel(
             [("user_id", ASCENDING), ("archived", ASCENDING), ("updated_at", DESCENDING), ("_id", DESCENDING)],
@@ -49,6 +60,8 @@ INDEXES: dict[str, list[IndexModel]] = {
             [("conversation_id", ASCENDING), ("created_at", ASCENDING), ("_id", ASCENDING)],
             name="conversation_created",
         ),
+        # Account deletion and export find every message of a user, in `_id` order.
+        IndexModel([("user_id", ASCENDING), ("_id", ASCENDING)], name="user_id"),
         # The children of a message (sibling_ids), oldest first.
         IndexModel(
             [("conversation_id", ASCENDING), ("parent_id", ASCENDING), ("created_at", ASCENDING), ("_id", ASCENDING)],
@@ -115,6 +128,14 @@ class Database:
     @property
     def password_reset_tokens(self) -> AsyncCollection[Document]:
         return self.db["password_reset_tokens"]
+
+    @property
+    def devices(self) -> AsyncCollection[Document]:
+        return self.db["devices"]
+
+    @property
+    def verify_tokens(self) -> AsyncCollection[Document]:
+        return self.db["verify_tokens"]
 
     @property
     def conversations(self) -> AsyncCollection[Document]:

@@ -29,6 +29,7 @@ log = logging.getLogger("innova.errors")
 class ErrorCode(StrEnum):
     EMAIL_TAKEN = "email_taken"
     INVALID_CREDENTIALS = "invalid_credentials"
+    ACCOUNT_DISABLED = "account_disabled"
     NOT_AUTHENTICATED = "not_authenticated"
     INVALID_TOKEN = "invalid_token"  # noqa: S105 - an error code, not a secret
     CSRF_ORIGIN = "csrf_origin"
@@ -50,6 +51,9 @@ class ErrorCode(StrEnum):
     CONTEXT_TOO_LONG = "context_too_long"
     DATABASE_UNAVAILABLE = "database_unavailable"
     INTERNAL = "internal_error"
+    WRONG_PASSWORD = "wrong_password"  # noqa: S105 - an error code, not a secret
+    SESSION_NOT_FOUND = "session_not_found"
+    EMAIL_NOT_VERIFIED = "email_not_verified"
 
 
 # code -> (HTTP status, default message). French would suit the users, but
@@ -57,8 +61,9 @@ class ErrorCode(StrEnum):
 HTTP_STATUS: dict[ErrorCode, tuple[int, str]] = {
     ErrorCode.EMAIL_TAKEN: (409, "An account already exists for this email."),
     ErrorCode.INVALID_CREDENTIALS: (401, "Invalid email or password."),
+    ErrorCode.ACCOUNT_DISABLED: (403, "This account is disabled; contact the support."),
     ErrorCode.NOT_AUTHENTICATED: (401, "Not authenticated."),
-    ErrorCode.INVALID_TOKEN: (400, "This reset link is invalid or has expired."),
+    ErrorCode.INVALID_TOKEN: (400, "This link is invalid, already used or expired."),
     ErrorCode.CSRF_ORIGIN: (403, "Cross-site request refused: origin not allowed."),
     ErrorCode.RATE_LIMITED: (429, "Too many requests; retry later."),
     ErrorCode.PAYLOAD_TOO_LARGE: (413, "Request body too large."),
@@ -78,6 +83,9 @@ HTTP_STATUS: dict[ErrorCode, tuple[int, str]] = {
     ErrorCode.CONTEXT_TOO_LONG: (413, "The conversation is too long for the model."),
     ErrorCode.DATABASE_UNAVAILABLE: (503, "The database is unavailable; retry later."),
     ErrorCode.INTERNAL: (500, "Internal error."),
+    ErrorCode.WRONG_PASSWORD: (403, "The current password is wrong."),
+    ErrorCode.SESSION_NOT_FOUND: (404, "Session not found."),
+    ErrorCode.EMAIL_NOT_VERIFIED: (403, "Confirm your email address first (see the mail we sent)."),
 }
 
 

@@ -7,7 +7,11 @@ French by default, each a `multipart/alternative` of plain text and HTML
 
 The reset link is `{FRONTEND_URL}/reset?token=…&email=…`, its query built
 with `urlencode` (so `+` and `@` in an address survive) and HTML-escaped in
-the HTML part.
+the HTML part; the verification link is `{FRONTEND_URL}/verify?token=…`.
+
+Callers pass a `name` only once the address is verified (`UserRecord.mail_name`):
+anyone can register someone else's address under any name, and our mails must
+not carry a stranger's words to that inbox.
 """
 
 from __future__ import annotations
@@ -134,16 +138,23 @@ def reset_mail(settings: Settings, *, to: str, token: str, name: str | None, now
     return _fill(_base(settings, to, subject, now), text, page)
 
 
-def password_changed_mail(settings: Settings, *, to: str, name: str | None, now: datetime) -> EmailMessage:
-    """The short notice sent after a successful reset."""
+def password_changed_mail(
+    settings: Settings, *, to: str, name: str | None, now: datetime, kept_current: bool = False
+) -> EmailMessage:
+    """The short notice sent after a reset, or (`kept_current`) a change made while signed in."""
     who = _clean_name(name)
     greeting = f"Bonjour {who}," if who else "Bonjour,"
     subject = f"Votre mot de passe {BRAND} a été modifié"
     when = now.strftime("%d/%m/%Y à %H:%M UTC")
+    closed = (
+        "Vos autres sessions ont été fermées ; celle où le changement a été fait reste ouverte."
+        if kept_current
+        else "Toutes vos sessions ont été fermées : reconnectez-vous avec le nouveau mot de passe."
+    )
     text = (
         f"{greeting}\n\n"
         f"Le mot de passe de votre compte {BRAND} ({to}) a été modifié le {when}. "
-        "Toutes vos sessions ont été fermées : reconnectez-vous avec le nouveau mot de passe.\n\n"
+        f"{closed}\n\n"
         "Si vous n'êtes pas à l'origine de ce changement, demandez immédiatement un nouveau lien "
         f"depuis la page « Mot de passe oublié » : {settings.frontend_url}\n\n"
         f"— L'équipe {BRAND}\n"
@@ -153,7 +164,7 @@ def password_changed_mail(settings: Settings, *, to: str, name: str | None, now:
         [
             html.escape(greeting),
             f"Le mot de passe de votre compte {BRAND} ({html.escape(to)}) a été modifié le {html.escape(when)}. "
-            "Toutes vos sessions ont été fermées&nbsp;: reconnectez-vous avec le nouveau mot de passe.",
+            + html.escape(closed).replace(" :", "&nbsp;:").replace(" ;", "&nbsp;;"),
             "Si vous n'êtes pas à l'origine de ce changement, demandez immédiatement un nouveau lien "
             f"depuis la page «&nbsp;Mot de passe oublié&nbsp;»&nbsp;: {html.escape(settings.frontend_url)}",
             f"— L'équipe {BRAND}",
@@ -162,4 +173,80 @@ def password_changed_mail(settings: Settings, *, to: str, name: str | None, now:
     return _fill(_base(settings, to, subject, now), text, page)
 
 
-__all__ = ["BRAND", "password_changed_mail", "reset_link", "reset_mail", "sender_address"]
+def verify_link(frontend_url: str, token: str) -> str:
+    return f"{frontend_url.rstrip('/')}/verify?{urlencode({'token': token})}"
+
+
+def verify_mail(settings: Settings, *, to: str, token: str, now: datetime) -> EmailMessage:
+    """The "confirm your address" mail. Never a name: the address is not verified yet."""
+    link = verify_link(settings.frontend_url, token)
+    hours = settings.verify_token_ttl_hours
+    subject = f"Confirmez votre adresse e-mail {BRAND}"
+    text = (
+        "Bonjour,\n\n"
+        f"Un compte {BRAND} vient d'être créé avec cette adresse ({to}), ou une confirmation a été demandée.\n\n"
+        f"Pour confirmer que cette adresse est bien la vôtre, ouvrez ce lien (valable {hours} heures, "
+        "une seule fois) :\n\n"
+        f"{link}\n\n"
+        "Si vous n'êtes pas à l'origine de cette demande, ignorez ce message : "
+        "l'adresse restera non confirmée.\n\n"
+        f"— L'équipe {BRAND}\n"
+    )
+    safe_link = html.escape(link, quote=True)
+    page = _html_page(
+        subject,
+        [
+            "Bonjour,",
+            f"Un compte {BRAND} vient d'être créé avec cette adresse ({html.escape(to)}), "
+            "ou une confirmation a été demandée.",
+            f"Pour confirmer que cette adresse est bien la vôtre, ouvrez ce lien (valable {hours} heures, "
+            "une seule fois)&nbsp;:",
+            f'<a href="{safe_link}">Confirmer mon adresse</a>',
+            f"Si le lien ne s'ouvre pas, copiez cette adresse dans votre navigateur&nbsp;:<br>"
+            f'<span style="word-break:break-all">{safe_link}</span>',
+            "Si vous n'êtes pas à l'origine de cette demande, ignorez ce message&nbsp;: "
+            "l'adresse restera non confirmée.",
+            f"— L'équipe {BRAND}",
+        ],
+    )
+    return _fill(_base(settings, to, subject, now), text, page)
+
+
+def account_deleted_mail(settings: Settings, *, to: str, name: str | None, now: datetime) -> EmailMessage:
+    """The notice that an account and all its data were deleted."""
+    who = _clean_name(name)
+    greeting = f"Bonjour {who}," if who else "Bonjour,"
+    subject = f"Votre compte {BRAND} a été supprimé"
+    when = now.strftime("%d/%m/%Y à %H:%M UTC")
+    text = (
+        f"{greeting}\n\n"
+        f"Le compte {BRAND} de cette adresse ({to}) a été supprimé le {when}, à sa demande, "
+        "avec toutes ses données : conversations, messages et sessions.\n\n"
+        "Si vous n'êtes pas à l'origine de cette suppression, contactez l'équipe "
+        f"depuis {settings.frontend_url} : quelqu'un connaissait votre mot de passe.\n\n"
+        f"— L'équipe {BRAND}\n"
+    )
+    page = _html_page(
+        subject,
+        [
+            html.escape(greeting),
+            f"Le compte {BRAND} de cette adresse ({html.escape(to)}) a été supprimé le {html.escape(when)}, "
+            "à sa demande, avec toutes ses données&nbsp;: conversations, messages et sessions.",
+            "Si vous n'êtes pas à l'origine de cette suppression, contactez l'équipe "
+            f"depuis {html.escape(settings.frontend_url)}&nbsp;: quelqu'un connaissait votre mot de passe.",
+            f"— L'équipe {BRAND}",
+        ],
+    )
+    return _fill(_base(settings, to, subject, now), text, page)
+
+
+__all__ = [
+    "BRAND",
+    "account_deleted_mail",
+    "password_changed_mail",
+    "reset_link",
+    "reset_mail",
+    "sender_address",
+    "verify_link",
+    "verify_mail",
+]

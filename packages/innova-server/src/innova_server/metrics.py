@@ -47,6 +47,12 @@ MAIL_FAILURES = Counter("innova_mail_failures_total", "Mails the mailer failed t
 BACKGROUND_FAILURES = Counter(
     "innova_background_failures_total", "Background tasks that ended with an error", ["task"]
 )
+ACCOUNT_EVENTS = Counter(
+    "innova_account_events_total",
+    "Account self-service events (password_changed, wrong_password, sessions_revoked, deletion_started, "
+    "account_erased, erasure_interrupted, export, verify_mail_requested, email_verified, verify_invalid_token)",
+    ["event"],
+)
 PASSWORD_RESETS = Counter("innova_password_resets_total", "Password reset attempts by outcome", ["outcome"])
 CHAT_STREAMS = Counter("innova_chat_streams_total", "Chat replies by outcome", ["provider", "status"])
 CHAT_TOKENS = Counter("innova_chat_chunks_total", "Chunks streamed to clients", ["provider"])

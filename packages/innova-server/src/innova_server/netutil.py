@@ -61,3 +61,19 @@ def client_ip(connection: HTTPConnection, trusted_proxies: list[str]) -> str:
 def is_loopback(address: str) -> bool:
     ip = _parse(address)
     return ip is not None and ip.is_loopback
+
+
+def rate_limit_subject(ip: str, ipv6_prefix: int) -> str:
+    """What per-IP limits count for `ip`: an IPv6 client by its network (`/64` by default).
+
+    One ordinary IPv6 allocation gives a client 2^64 addresses: keyed by the
+    whole address, register, login and forgot limits would do nothing. An
+    IPv4-mapped IPv6 address (`::ffff:a.b.c.d`) counts as its IPv4 address.
+    Anything that is not an address (`unknown`) stays as it is: one shared key.
+    """
+    address = _parse(ip)
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{address}/{ipv6_prefix}", strict=False))
+    return str(address) if address is not None else ip

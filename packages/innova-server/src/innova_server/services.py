@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from innova_server.auth.account import AccountManager
+from innova_server.auth.devices import DeviceStore
+from innova_server.auth.erasure import AccountEraser
 from innova_server.auth.manager import AuthManager
 from innova_server.auth.passwords import Passwords
 from innova_server.auth.recovery import RecoveryManager
-from innova_server.auth.store import SessionStore, UserStore
+from innova_server.auth.store import SessionStore, UserStore, VerifyTokenStore
+from innova_server.auth.verification import VerificationManager
 from innova_server.background import BackgroundTasks
 from innova_server.chat import ChatProvider
 from innova_server.chatlaya.messages import MessageStore
@@ -38,10 +42,13 @@ class Services:
     tasks: BackgroundTasks
     turns: TurnRegistry
     chat: ChatService
+    account: AccountManager
+    verification: VerificationManager
     replies: Replies
 
     async def aclose(self) -> None:
         try:
+            await self.account.aclose()  # late sweeps of erased accounts (see auth.account)
             await self.tasks.drain()  # mails being sent get a grace period
             await self.turns.aclose()  # replies still running are stored (interrupted), their slots freed
             await self.provider.aclose()
@@ -61,9 +68,12 @@ def build_services(settings: Settings, plugins: PluginRegistry, mongo_uri: str) 
         parallelism=settings.argon2_parallelism,
     )
     users, sessions = UserStore(db), SessionStore(db)
-    auth = AuthManager(settings, users, sessions, passwords, limiter)
+    eraser = AccountEraser(db)
+    auth = AuthManager(settings, users, sessions, passwords, limiter, eraser, DeviceStore(db))
     tasks = BackgroundTasks()
     recovery = RecoveryManager(settings, db, users, sessions, passwords, limiter, mailer, tasks)
+    account = AccountManager(settings, db, users, sessions, auth, recovery, eraser, limiter, tasks)
+    verification = VerificationManager(settings, users, VerifyTokenStore(db), limiter, recovery, tasks)
     conversations, messages, usage = ConversationStore(db), MessageStore(db), UsageStore(db)
     slots = StreamSlots(db, lease=settings.chat_lease)
     turns = TurnRegistry(messages, slots, TurnTimings.from_settings(settings))
@@ -97,5 +107,7 @@ def build_services(settings: Settings, plugins: PluginRegistry, mongo_uri: str) 
         tasks=tasks,
         turns=turns,
         chat=chat,
+        account=account,
+        verification=verification,
         replies=replies,
     )

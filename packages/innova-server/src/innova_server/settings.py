@@ -114,6 +114,11 @@ class Settings(PluginSettings):
     cookie_secure: bool = True
     session_ttl_days: int = Field(7, ge=1, le=365)
     reset_token_ttl_minutes: int = Field(30, ge=1, le=1440)
+    verify_token_ttl_hours: int = Field(24, ge=1, le=720)
+    # When true, /chatlaya/* refuses accounts whose address is not verified yet.
+    require_verified_email: bool = False
+    # Per-IP rate limits key an IPv6 client by this prefix (one allocation is a /64).
+    rate_limit_ipv6_prefix: int = Field(64, ge=32, le=128)
     trusted_proxies: CommaList = Field(default_factory=lambda: ["127.0.0.1", "::1"])
     max_body_bytes: int = Field(512 * 1024, ge=1024)
 
@@ -124,10 +129,14 @@ class Settings(PluginSettings):
 
     rate_limit_login_email: Limit = RateLimit(10, 900)
     rate_limit_login_ip: Limit = RateLimit(50, 900)
+    # Failed logins from a browser holding a device cookie for that account (instead of the two above).
+    rate_limit_login_device: Limit = RateLimit(10, 900)
     rate_limit_register_ip: Limit = RateLimit(10, 3600)
     rate_limit_forgot_email: Limit = RateLimit(5, 3600)
     rate_limit_forgot_ip: Limit = RateLimit(20, 3600)
     rate_limit_chat_user: Limit = RateLimit(30, 60)
+    rate_limit_export_user: Limit = RateLimit(3, 3600)
+    rate_limit_verify_user: Limit = RateLimit(5, 3600)
     rate_limit_conversations_user: Limit = RateLimit(100, 86400)
     chat_max_concurrent_streams: int = Field(3, ge=1)
 
@@ -176,10 +185,13 @@ class Settings(PluginSettings):
     @field_validator(
         "rate_limit_login_email",
         "rate_limit_login_ip",
+        "rate_limit_login_device",
         "rate_limit_register_ip",
         "rate_limit_forgot_email",
         "rate_limit_forgot_ip",
         "rate_limit_chat_user",
+        "rate_limit_export_user",
+        "rate_limit_verify_user",
         "rate_limit_conversations_user",
         mode="before",
     )

@@ -9,7 +9,8 @@ from fastapi import Depends, Request
 from innova_server.auth.cookies import read_session_cookie
 from innova_server.auth.manager import ClientInfo
 from innova_server.auth.store import UserRecord
-from innova_server.netutil import client_ip
+from innova_server.errors import AppError, ErrorCode
+from innova_server.netutil import client_ip, rate_limit_subject
 from innova_server.services import Services
 
 # Every dependency is `async def`: FastAPI runs a plain `def` one in anyio's
@@ -25,9 +26,11 @@ ServicesDep = Annotated[Services, Depends(get_services)]
 
 
 async def get_client(request: Request, services: ServicesDep) -> ClientInfo:
+    ip = client_ip(request, services.settings.trusted_proxies)
     return ClientInfo(
-        ip=client_ip(request, services.settings.trusted_proxies),
+        ip=ip,
         user_agent=request.headers.get("user-agent"),
+        network=rate_limit_subject(ip, services.settings.rate_limit_ipv6_prefix),
     )
 
 
@@ -37,3 +40,20 @@ async def get_current_user(request: Request, services: ServicesDep) -> UserRecor
 
 ClientDep = Annotated[ClientInfo, Depends(get_client)]
 CurrentUser = Annotated[UserRecord, Depends(get_current_user)]
+
+
+async def require_verified_email(user: CurrentUser, services: ServicesDep) -> UserRecord:
+    """The signed-in user, refused with 403 `email_not_verified` while `REQUIRE_VERIFIED_EMAIL`
+    is on and their address is unconfirmed.
+
+    Usable per route (`VerifiedUser`) or for a whole router
+    (`include_router(..., dependencies=[Depends(require_verified_email)])`).
+    FastAPI resolves `CurrentUser` once per request, so a route that also asks
+    for it costs no second session lookup.
+    """
+    if services.settings.require_verified_email and not user.email_verified:
+        raise AppError(ErrorCode.EMAIL_NOT_VERIFIED)
+    return user
+
+
+VerifiedUser = Annotated[UserRecord, Depends(require_verified_email)]

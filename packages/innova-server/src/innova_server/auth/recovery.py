@@ -98,7 +98,9 @@ class RecoveryManager:
 
     async def forgot(self, email: str, client: ClientInfo) -> None:
         """Count the request against both limits, then do the rest in the background."""
-        await self.limiter.consume("forgot_ip", limit_key("forgot:ip", client.ip), self.settings.rate_limit_forgot_ip)
+        await self.limiter.consume(
+            "forgot_ip", limit_key("forgot:ip", client.limit_ip), self.settings.rate_limit_forgot_ip
+        )
         await self.limiter.consume(
             "forgot_email", limit_key("forgot:email", email), self.settings.rate_limit_forgot_email
         )
@@ -109,6 +111,9 @@ class RecoveryManager:
         user = await self.users.by_email(email)
         if user is None:
             log.info("password reset requested for an address without an account")
+            return
+        if user.disabled_at is not None:
+            log.info("password reset requested for a disabled account user_id=%s: nothing sent", user.id)
             return
         token = new_token()
         now = utcnow()
@@ -123,7 +128,7 @@ class RecoveryManager:
             }
         )
         log.info("password reset token issued user_id=%s", user.id)
-        message = reset_mail(self.settings, to=user.email, token=token, name=user.name, now=now)
+        message = reset_mail(self.settings, to=user.email, token=token, name=user.mail_name, now=now)
         await self.deliver("password_reset", message, user_id=user.id)
 
     # -- reset -----------------------------------------------------------
@@ -139,7 +144,7 @@ class RecoveryManager:
             self._invalid()
         user_id = str(pending["user_id"])
         user = await self.users.by_id(user_id)
-        if user is None:  # account deleted since the link was sent
+        if user is None or user.disabled_at is not None:  # deleted or disabled since the link was sent
             self._invalid()
         # Hash before consuming: if this fails, the link still works.
         password_hash = await self.passwords.hash(password)
@@ -160,13 +165,17 @@ class RecoveryManager:
         # Sessions of the new epoch (a login with the new password, just now) stay.
         revoked = await self.sessions.delete_all(user_id, except_epoch=epoch)
         # Any other link mailed earlier dies with this one.
-        await self.tokens.update_many(
-            {"user_id": ObjectId(user_id), "used": False}, {"$set": {"used": True, "used_at": now}}
-        )
+        await self.void_links(user_id)
         metrics.PASSWORD_RESETS.labels("ok").inc()
         log.info("password reset done user_id=%s sessions_revoked=%d", user_id, revoked)
-        notice = password_changed_mail(self.settings, to=user.email, name=user.name, now=now)
+        notice = password_changed_mail(self.settings, to=user.email, name=user.mail_name, now=now)
         self.tasks.spawn("password_changed_mail", self.deliver("password_changed", notice, user_id=user_id))
+
+    async def void_links(self, user_id: str) -> None:
+        """Every pending reset link of the user dies: the password they were meant to replace is gone."""
+        await self.tokens.update_many(
+            {"user_id": ObjectId(user_id), "used": False}, {"$set": {"used": True, "used_at": utcnow()}}
+        )
 
     @staticmethod
     def _invalid() -> NoReturn:

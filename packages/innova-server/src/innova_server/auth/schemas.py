@@ -65,11 +65,46 @@ class ResetIn(Body):
     password: Password
 
 
+class NameIn(Body):
+    # Required (null clears it): an empty PATCH is a client bug, not a no-op.
+    name: Name | None
+
+
+class PasswordChangeIn(Body):
+    current_password: LoginPassword
+    new_password: Password
+
+
+class PasswordConfirmIn(Body):
+    password: LoginPassword
+
+
+class VerifyIn(Body):
+    # Like ResetIn: anything that is not a well-formed token is 400 `invalid_token`.
+    model_config = ConfigDict(str_max_length=None)
+
+    token: str
+
+
 class UserOut(BaseModel):
     id: str
     email: str
     name: str | None
+    email_verified: bool
     created_at: datetime
+
+
+class SessionOut(BaseModel):
+    id: str
+    created_at: datetime
+    expires_at: datetime
+    ip: str | None
+    user_agent: str | None
+    current: bool
+
+
+class SessionsOut(BaseModel):
+    items: list[SessionOut]
 
 
 class UserEnvelope(BaseModel):
