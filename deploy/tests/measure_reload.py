@@ -133,11 +133,12 @@ def measure(way: str, root: Path, mongo_uri: str, cert: Path, key: Path, ca: Pat
     stop_process(nginx, signal.SIGTERM)
     for process in processes:
         stop_process(process, signal.SIGTERM, timeout=45)
-    if way == "usr2":  # the re-executed master is no child of ours: its pid is in the pid file
-        pid_file = tmp / "gunicorn.pid"
-        if pid_file.exists():
-            with contextlib.suppress(ProcessLookupError, ValueError):
-                os.kill(int(pid_file.read_text().strip()), signal.SIGTERM)
+    if way == "usr2":  # the re-executed master is no child of ours: found by its own pid file path
+        marker = f"--pid {tmp / 'gunicorn.pid'}".encode()
+        for proc in Path("/proc").glob("[0-9]*"):
+            with contextlib.suppress(OSError):
+                if marker in (proc / "environ").read_bytes() and int(proc.name) != os.getpid():
+                    os.kill(int(proc.name), signal.SIGTERM)
     return {"way": way, "health": dict(statuses), "replies": endings, "seconds": round(elapsed, 1)}
 
 
