@@ -45,7 +45,7 @@ TEST_DEPS = [
 PINS = ["-c", "deploy/constraints.txt"]
 # Tests also run Debian tools: command -> package. nginx and visudo for
 # deploy/tests; chromium for the browser tests (packages/innova-server/tests/test_browser.py).
-SYSTEM_TOOLS = {"nginx": "nginx", "visudo": "sudo", "chromium": "chromium"}
+SYSTEM_TOOLS = {"nginx": "nginx", "visudo": "sudo", "rsync": "rsync", "chromium": "chromium"}
 # Other commands that do the job as well (GitHub's Ubuntu runners ship Google
 # Chrome, and Ubuntu's `chromium` package is a snap the tests cannot drive).
 ALTERNATIVES = {"chromium": ("google-chrome", "google-chrome-stable")}

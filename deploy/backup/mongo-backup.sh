@@ -11,12 +11,25 @@
 #   RETENTION_DAYS  default 14; dumps innova-YYYY-MM-DD older than that are removed
 #   MONGODUMP       the mongodump command (default: mongodump on PATH, from
 #                   MongoDB's mongodb-database-tools package)
+#   BACKUP_REMOTE   where each new dump is copied off the host, with rsync: a
+#                   destination directory `user@host:/path` (over SSH) or a
+#                   local path (a mounted disk). Empty: no copy (a warning).
+#                   The remote side keeps every dump it receives (no --delete):
+#                   its own retention is its business, and a compromised API
+#                   host cannot erase it through this script.
+#   BACKUP_SSH      the ssh command rsync runs (default: the key and known_hosts
+#                   of /etc/innovaplus/backup_ssh, see deploy/README.md 1.10)
+#   RSYNC           the rsync command (default rsync)
+# A failure exits non-zero: the unit then fails and OnFailure= alerts.
 set -euo pipefail
 
 ENV_FILE=${ENV_FILE:-/etc/innovaplus/backend.env}
 BACKUP_ROOT=${BACKUP_ROOT:-/var/backups}
 RETENTION_DAYS=${RETENTION_DAYS:-14}
 MONGODUMP=${MONGODUMP:-mongodump}
+BACKUP_REMOTE=${BACKUP_REMOTE:-}
+BACKUP_SSH=${BACKUP_SSH:-ssh -i /etc/innovaplus/backup_ssh/id_ed25519 -o UserKnownHostsFile=/etc/innovaplus/backup_ssh/known_hosts -o BatchMode=yes -o StrictHostKeyChecking=yes}
+RSYNC=${RSYNC:-rsync}
 # shellcheck source=deploy/backup/mongo-lib.sh
 . "$(dirname "${BASH_SOURCE[0]}")/mongo-lib.sh"
 
@@ -60,6 +73,17 @@ trap 'rm -f "$config"; rm -rf "$partial"' EXIT
 rm -rf "$target"
 mv "$partial" "$target"
 log "done: $(du -sh "$target" | cut -f1) in $target"
+
+# Off the host: a backup on the same disk does not survive the disk.
+if [[ -n "$BACKUP_REMOTE" ]]; then
+    log "copying $target to $BACKUP_REMOTE"
+    # -a: a directory innova-DATE/ under the destination; re-sent whole if an
+    # earlier copy of the same day was interrupted.
+    "$RSYNC" -a --partial -e "$BACKUP_SSH" "$target" "${BACKUP_REMOTE%/}/"
+    log "copied to ${BACKUP_REMOTE%/}/innova-$today"
+else
+    log "WARNING: BACKUP_REMOTE is not set: this dump exists on this disk only" >&2
+fi
 
 # Retention: by the date in the name, so touching a file changes nothing.
 cutoff=$(date -d "-$RETENTION_DAYS days" +%F)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs ON THE SERVER, as the `deploy` user, after CI rsynced the code to
 # /opt/innovaplus/backend: bootstrap the virtualenv, install the packages,
-# restart the service. Also usable by hand:
+# reload the service without dropping a request or a stream. Also usable by hand:
 #   cd /opt/innovaplus/backend && deploy/scripts/remote-deploy.sh
 #
 # Which packages: the core with its production extra, plus the plugin
@@ -10,9 +10,19 @@
 # innova-provider-smollm), each installed from packages/<name>.
 # Every third-party package is pinned by deploy/constraints.txt (pip -c), so
 # a deployment installs what the tests ran with (README "Dependency pins").
+# Then `systemctl reload` (gunicorn's graceful reload, SIGHUP): new workers
+# with the new code, the old ones finish their requests and streams; nothing
+# is refused meanwhile (measured: deploy/README.md "Deploys without downtime").
+# A restart instead (running streams get graceful_timeout to finish, new
+# connections are refused meanwhile) only when a reload cannot apply the
+# change: the service is not running, RESTART=1 is given (a changed unit or
+# env file), or the packages the gunicorn master itself runs (gunicorn,
+# uvicorn, uvicorn-worker, the Python) changed: workers are forked from the
+# master and would keep its old copies.
 # Environment: APP_DIR (default: this checkout), PLUGINS_FILE, CONSTRAINTS
 # (default deploy/constraints.txt), PYTHON (default python3), SKIP_RESTART=1
-# to only install.
+# to only install, RESTART=1 to restart instead of reloading, SYSTEMCTL
+# (default `sudo -n /usr/bin/systemctl`, for tests).
 set -euo pipefail
 
 APP_DIR=${APP_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)}
@@ -36,7 +46,7 @@ if [[ ! -r "$PLUGINS_FILE" ]]; then
     elif [[ -e "$PLUGINS_FILE" ]]; then
         die "$PLUGINS_FILE is not readable by $(id -un) (it must be mode 644: sudo chmod 644 $PLUGINS_FILE)"
     else
-        die "$PLUGINS_FILE does not exist: create it, one plugin package per line (deploy/README.md 1.3)"
+        die "$PLUGINS_FILE does not exist: create it, one plugin package per line (deploy/README.md 1.4)"
     fi
 fi
 plugins=()
@@ -46,7 +56,7 @@ while read -r name _ || [[ -n ${name:-} ]]; do  # also a last line without its n
 done <"$PLUGINS_FILE"
 if [[ ${#plugins[@]} -eq 0 ]]; then
     die "$PLUGINS_FILE lists no package (it needs the provider's and, in production," \
-        "innova-mailer; deploy/README.md 1.3)"
+        "innova-mailer; deploy/README.md 1.4)"
 fi
 
 if [[ ! -r "$CONSTRAINTS" ]]; then
@@ -60,6 +70,15 @@ for name in "${plugins[@]}"; do
     fi
     requirements+=("./packages/$name")
 done
+
+# What the master runs: a change there needs a restart, not a reload.
+master_stack() {
+    readlink -f .venv/bin/python 2>/dev/null || true
+    compgen -G '.venv/lib/python*/site-packages/gunicorn-*.dist-info' || true
+    compgen -G '.venv/lib/python*/site-packages/uvicorn-*.dist-info' || true
+    compgen -G '.venv/lib/python*/site-packages/uvicorn_worker-*.dist-info' || true
+}
+stack_before=$(master_stack)
 
 if [[ ! -x .venv/bin/python ]]; then
     log "creating $APP_DIR/.venv"
@@ -75,9 +94,19 @@ log "installing ${requirements[*]} (pinned by $CONSTRAINTS)"
 .venv/bin/innova plugins
 
 if [[ "${SKIP_RESTART:-0}" == 1 ]]; then
-    log "SKIP_RESTART=1: not restarting $UNIT"
+    log "SKIP_RESTART=1: not reloading $UNIT"
     exit 0
 fi
-log "restarting $UNIT"
-sudo -n /usr/bin/systemctl restart "$UNIT"
-sudo -n /usr/bin/systemctl --no-pager --lines=0 status "$UNIT" || true
+read -r -a systemctl <<<"${SYSTEMCTL:-sudo -n /usr/bin/systemctl}"
+if [[ "${RESTART:-0}" == 1 ]]; then
+    action=restart why="RESTART=1"
+elif ! "${systemctl[@]}" is-active --quiet "$UNIT"; then
+    action=restart why="$UNIT is not running"
+elif [[ "$(master_stack)" != "$stack_before" ]]; then
+    action=restart why="gunicorn, uvicorn or the Python changed (the master runs them)"
+else
+    action=reload why="graceful: new workers; running requests and streams finish"
+fi
+log "${action}ing $UNIT ($why)"
+"${systemctl[@]}" "$action" "$UNIT"
+"${systemctl[@]}" --no-pager --lines=0 status "$UNIT" || true

@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,8 @@ SITE_CONF = DEPLOY / "nginx" / "innovaplus-api.conf"
 BOOTSTRAP_CONF = DEPLOY / "nginx" / "innovaplus-api-bootstrap.conf"
 CERT_DIR = "/etc/letsencrypt/live/api.innovaplus.africa"
 PUBLIC_NAME = "api.innovaplus.africa"
+ECHO_DELAY_MS = 300
+WORKERS = 2
 
 
 def find_tool(name: str) -> str | None:
@@ -96,6 +99,8 @@ def render_nginx(
     cert: Path,
     key: Path,
     upstream_port: int = 8000,
+    upstream_ports: list[int] | None = None,
+    includes: tuple[Path, ...] = (),
     ipv6: bool = True,
 ) -> NginxLayout:
     """A runnable copy of `site`: test certificate, free loopback ports, temp prefix.
@@ -115,7 +120,13 @@ def render_nginx(
         text = _substitute(text, "listen [::]:443 ssl http2;", f"listen [::1]:{https_port} ssl http2;" if ipv6 else "")
         text = _substitute(text, f"{CERT_DIR}/fullchain.pem", str(cert))
         text = _substitute(text, f"{CERT_DIR}/privkey.pem", str(key))
-        text = _substitute(text, "server 127.0.0.1:8000;", f"server 127.0.0.1:{upstream_port};")
+        ports = upstream_ports or [upstream_port]
+        line = re.search(r"^( *)server 127\.0\.0\.1:8000( [^;]*)?;$", text, re.MULTILINE)
+        assert line, "expected `server 127.0.0.1:8000 ...;` in the site's upstream (did the file change?)"
+        servers = "\n".join(f"{line[1]}server 127.0.0.1:{port}{line[2] or ''};" for port in ports)
+        text = text[: line.start()] + servers + text[line.end() :]
+        for snippet in includes:  # http-level files (e.g. the real-IP one) included before the site
+            text = f"include {snippet};\n" + text
     text = _substitute(text, "root /var/www/certbot;", f"root {prefix / 'webroot'};")
     assert not re.search(r"listen\s+(80|443)\b", text), "a listen directive was not moved to a test port"
     (prefix / "site.conf").write_text(text)
@@ -213,3 +224,51 @@ def fake_bin(tmp_path: Path) -> Iterator[Callable[[str, str], Path]]:
         return path
 
     yield write
+
+
+def start_gunicorn(
+    tmp: Path, mongo_uri: str, port: int, *, name: str = "gunicorn", journal: bool = False, **extra_env: str
+) -> tuple[subprocess.Popen[bytes], Path]:
+    """gunicorn from deploy/gunicorn.conf.py, as the unit starts it, on 127.0.0.1:`port`; its log file.
+
+    `journal`: the log file stands in for journald's stream (JOURNAL_STREAM names it, as systemd does).
+    """
+    gunicorn = find_tool("gunicorn")
+    if gunicorn is None:
+        pytest.skip("gunicorn is not installed (pip install 'innova-server[production]')")
+    log = tmp / f"{name}.log"
+    work = tmp / f"{name}-cwd"  # no stray .env from the repository
+    work.mkdir()
+    keep = ("PATH", "PYTHONPATH", "LANG", "LC_ALL", "HOME", "TMPDIR", "SYSTEMROOT", "VIRTUAL_ENV")
+    env = {k: v for k, v in os.environ.items() if k in keep}
+    env.update(
+        ENV="development",
+        HOST="127.0.0.1",
+        PORT=str(port),  # gunicorn.conf.py builds its bind from HOST/PORT
+        WEB_CONCURRENCY=str(WORKERS),
+        MONGO_URI=mongo_uri,
+        DB_NAME=f"innova_e2e_{uuid.uuid4().hex[:10]}",
+        INNOVA_DATA_DIR=str(tmp / f"{name}-data"),
+        PROVIDER="echo",
+        ECHO_DELAY_MS=str(ECHO_DELAY_MS),
+        MAILER="console",
+        ARGON2_TIME_COST="1",
+        ARGON2_MEMORY_COST="1024",
+        ARGON2_PARALLELISM="1",
+        LOG_LEVEL="info",
+        PYTHONUNBUFFERED="1",
+    )
+    env.update(extra_env)
+    log.touch()
+    if journal:
+        info = log.stat()
+        env["JOURNAL_STREAM"] = f"{info.st_dev}:{info.st_ino}"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [gunicorn, "--config", str(DEPLOY / "gunicorn.conf.py")],
+            cwd=work,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    return process, log

@@ -144,6 +144,18 @@ def test_gunicorn_config_follows_the_environment(tmp_path: Path) -> None:
     assert config["workers"] == "5"
     assert config["bind"] == "['[::1]:8123']"
     assert config["timeout"] == "90"
+    assert config["control_socket_disable"] == "True"
+    # An app host of several binds its private address, and loopback for the local checks.
+    private = _print_config(tmp_path, HOST="10.0.0.11", PORT="8000")
+    assert private["bind"] == "['10.0.0.11:8000', '127.0.0.1:8000']"
+
+
+def test_gunicorn_believes_forwarded_headers_from_trusted_proxies_only(tmp_path: Path) -> None:
+    """forwarded_allow_ips comes from TRUSTED_PROXIES (the app's list), not a list of its own."""
+    assert _print_config(tmp_path)["forwarded_allow_ips"] == "['127.0.0.1', '::1']"
+    several = _print_config(tmp_path, TRUSTED_PROXIES="10.0.0.10, 10.0.1.0/24")
+    assert several["forwarded_allow_ips"] == "['10.0.0.10', '10.0.1.0/24']"
+    assert "127.0.0.1" not in (DEPLOY / "gunicorn.conf.py").read_text().split("forwarded_allow_ips =")[1].split("\n")[0]
 
 
 def test_systemd_timeout_outlasts_the_graceful_stop() -> None:

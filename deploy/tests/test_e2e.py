@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import signal
 import ssl
 import subprocess
@@ -28,20 +29,20 @@ from innova_server.testing.server import wait_until_healthy
 
 from .conftest import (
     DEPLOY,
+    ECHO_DELAY_MS,
     PUBLIC_NAME,
     SITE_CONF,
+    WORKERS,
     TLSFiles,
     find_tool,
     free_port,
     ipv6_loopback,
     render_nginx,
     require_tool,
+    start_gunicorn,
     stop_process,
     wait_for_port,
 )
-
-ECHO_DELAY_MS = 300
-WORKERS = 2
 
 
 @dataclass
@@ -72,42 +73,7 @@ class Stack:
         return "\n".join(parts)
 
 
-def _start_gunicorn(tmp: Path, mongo_uri: str, port: int, **extra_env: str) -> tuple[subprocess.Popen[bytes], Path]:
-    gunicorn = find_tool("gunicorn")
-    if gunicorn is None:
-        pytest.skip("gunicorn is not installed (pip install 'innova-server[production]')")
-    log = tmp / "gunicorn.log"
-    work = tmp / "cwd"  # no stray .env from the repository
-    work.mkdir()
-    keep = ("PATH", "PYTHONPATH", "LANG", "LC_ALL", "HOME", "TMPDIR", "SYSTEMROOT", "VIRTUAL_ENV")
-    env = {k: v for k, v in os.environ.items() if k in keep}
-    env.update(
-        ENV="development",
-        HOST="127.0.0.1",
-        PORT=str(port),  # gunicorn.conf.py builds its bind from HOST/PORT
-        WEB_CONCURRENCY=str(WORKERS),
-        MONGO_URI=mongo_uri,
-        DB_NAME=f"innova_e2e_{uuid.uuid4().hex[:10]}",
-        INNOVA_DATA_DIR=str(tmp / "data"),
-        PROVIDER="echo",
-        ECHO_DELAY_MS=str(ECHO_DELAY_MS),
-        MAILER="console",
-        ARGON2_TIME_COST="1",
-        ARGON2_MEMORY_COST="1024",
-        ARGON2_PARALLELISM="1",
-        LOG_LEVEL="info",
-        PYTHONUNBUFFERED="1",
-    )
-    env.update(extra_env)
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [gunicorn, "--config", str(DEPLOY / "gunicorn.conf.py")],
-            cwd=work,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    return process, log
+METRICS_TOKEN = "e2e-metrics-token-" + uuid.uuid4().hex
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +82,7 @@ def stack(mongo_uri: str, test_ca: TLSFiles, tmp_path_factory: pytest.TempPathFa
     tmp = tmp_path_factory.mktemp("e2e")
     backend_port = free_port()
     db_name = f"innova_e2e_{uuid.uuid4().hex[:10]}"
-    gunicorn, gunicorn_log = _start_gunicorn(tmp, mongo_uri, backend_port, DB_NAME=db_name)
+    gunicorn, gunicorn_log = start_gunicorn(tmp, mongo_uri, backend_port, DB_NAME=db_name, METRICS_TOKEN=METRICS_TOKEN)
     nginx_process = None
     ipv6 = ipv6_loopback()
     layout = render_nginx(
@@ -217,6 +183,16 @@ def test_metrics_are_refused_from_outside(stack: Stack) -> None:
             assert "innova_" not in response.text, path
 
 
+def test_a_prometheus_elsewhere_scrapes_metrics_through_nginx_with_the_token(stack: Stack) -> None:
+    with stack.client() as client:
+        scraped = client.get("/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}"})
+        assert scraped.status_code == 200, scraped.text
+        assert "innova_http_requests_total" in scraped.text
+        # Loopback through nginx gets no free pass: a wrong token is refused even from 127.0.0.1.
+        assert client.get("/metrics", headers={"Authorization": "Bearer wrong"}).status_code == 403
+        assert client.get("/metrics").status_code == 404
+
+
 def test_client_max_body_size(stack: Stack) -> None:
     with stack.client() as client:
         response = client.post(
@@ -310,7 +286,7 @@ def test_gunicorn_stops_gracefully(tmp_path: Path, mongo_uri: str) -> None:
     port = free_port()
     private_tmp = tmp_path / "tmp"
     private_tmp.mkdir()
-    process, log = _start_gunicorn(tmp_path, mongo_uri, port, TMPDIR=str(private_tmp))
+    process, log = start_gunicorn(tmp_path, mongo_uri, port, TMPDIR=str(private_tmp))
     try:
         wait_until_healthy(f"http://127.0.0.1:{port}", process=process, timeout=90, log=log)
         metrics_dirs = list(private_tmp.glob("innova-metrics-*"))
@@ -326,8 +302,8 @@ def test_gunicorn_stops_gracefully(tmp_path: Path, mongo_uri: str) -> None:
 def test_gunicorn_stops_with_status_3_on_a_configuration_error(tmp_path: Path, mongo_uri: str) -> None:
     """What the unit's RestartPreventExitStatus=3 relies on: a bad env file
     stops gunicorn (no respawn loop) with one line per problem in the journal."""
-    process, log = _start_gunicorn(
-        tmp_path, mongo_uri, free_port(), ENV="production", ALLOWED_ORIGINS="http://innovaplus.africa"
+    process, log = start_gunicorn(
+        tmp_path, mongo_uri, free_port(), journal=True, ENV="production", ALLOWED_ORIGINS="http://innovaplus.africa"
     )
     try:
         process.wait(timeout=60)
@@ -338,3 +314,10 @@ def test_gunicorn_stops_with_status_3_on_a_configuration_error(tmp_path: Path, m
     assert process.returncode == 3, text[-3000:]
     assert "innova: configuration error: ALLOWED_ORIGINS contains 'http://innovaplus.africa'" in text
     assert "innova: configuration error: COOKIE_SECURE" not in text  # only the real problems
+    # On journald (JOURNAL_STREAM names the stream, as systemd sets it) every
+    # line carries its priority: `journalctl -p err` shows why it stopped.
+    lines = text.splitlines()
+    assert "<3>innova: configuration error: ALLOWED_ORIGINS contains 'http://innovaplus.africa'" in text
+    assert any(line.startswith("<3>") and "Worker failed to boot" in line for line in lines), text
+    assert any(line.startswith("<6>") and "Booting worker" in line for line in lines), text
+    assert all(re.match(r"<[0-7]>", line) for line in lines if line.strip()), text

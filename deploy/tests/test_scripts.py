@@ -6,21 +6,26 @@ database or package index."""
 from __future__ import annotations
 
 import datetime as dt
+import http.server
+import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, ClassVar
 
 import pytest
 
 from .conftest import DEPLOY, free_port
 
 # A tiny ufw: keeps its rules, defaults and state in files, answers
-# `show added` like the real one, and logs every call.
+# `show added` like the real one (`ufw allow 22/tcp comment 'x'`), and logs every call.
 FAKE_UFW = r"""#!/usr/bin/env bash
 set -euo pipefail
 state=${FAKE_UFW_STATE:?}
@@ -28,15 +33,21 @@ mkdir -p "$state"; touch "$state/rules" "$state/calls"
 echo "$*" >> "$state/calls"
 args=("$@")
 [[ ${args[0]} == --force ]] && args=("${args[@]:1}")
+same() { grep -- "^ufw $1 $2\( comment .*\)\?$" "$state/rules" || true; }
 case ${args[0]} in
   default) echo "${args[2]} ${args[1]}" >> "$state/defaults" ;;
   allow|deny|limit)
-    rule="ufw ${args[*]}"
-    if grep -qxF "$rule" "$state/rules"; then echo "Skipping adding existing rule"
+    rule="ufw ${args[0]} ${args[1]}"
+    [[ ${args[2]:-} == comment ]] && rule="$rule comment '${args[3]}'"
+    existing=$(same "${args[0]}" "${args[1]}")
+    if [[ $existing == "$rule" ]]; then echo "Skipping adding existing rule"
+    elif [[ -n $existing ]]; then  # real ufw: same rule, another comment -> the comment is updated
+      grep -vxF -- "$existing" "$state/rules" > "$state/rules.new" || true
+      echo "$rule" >> "$state/rules.new"; mv "$state/rules.new" "$state/rules"; echo "Rule updated"
     else echo "$rule" >> "$state/rules"; echo "Rule added"; fi ;;
-  delete)
-    rule="ufw ${args[*]:1}"
-    grep -vxF "$rule" "$state/rules" > "$state/rules.new" || true
+  delete)  # matches the rule whatever its comment, as real ufw does
+    existing=$(same "${args[1]}" "${args[2]}")
+    grep -vxF -- "$existing" "$state/rules" > "$state/rules.new" || true
     mv "$state/rules.new" "$state/rules"; echo "Rule deleted" ;;
   show) echo "Added user rules (see 'ufw status' for running firewall):"; cat "$state/rules" ;;
   enable) echo active > "$state/status" ;;
@@ -45,39 +56,138 @@ case ${args[0]} in
 esac
 """
 
+# `sshd -T` prints the effective configuration, one `keyword value` per line.
+FAKE_SSHD = r"""#!/usr/bin/env bash
+[[ $1 == -T ]] || exit 2
+[[ -n ${FAKE_SSHD_FAIL:-} ]] && { echo "sshd: no hostkeys available -- exiting." >&2; exit 1; }
+echo "port ${FAKE_SSHD_PORT:-22}"
+echo "addressfamily any"
+echo "listenaddress [::]:${FAKE_SSHD_PORT:-22}"
+echo "listenaddress 0.0.0.0:${FAKE_SSHD_PORT:-22}"
+echo "permitrootlogin without-password"
+"""
 
-def run_ufw(fake_bin: Callable[[str, str], Path], tmp_path: Path, defaults: Path) -> subprocess.CompletedProcess[str]:
+# `ss -H -tlnp` as it prints on Debian 12.
+FAKE_SS = r"""#!/usr/bin/env bash
+p=${FAKE_SS_PORT:-22}
+echo 'LISTEN 0      511          0.0.0.0:80         0.0.0.0:*    users:(("nginx",pid=700,fd=6))'
+echo "LISTEN 0      128          0.0.0.0:$p       0.0.0.0:*    users:((\"sshd\",pid=612,fd=3))"
+echo 'LISTEN 0      4096       127.0.0.1:8000       0.0.0.0:*    users:(("gunicorn",pid=801,fd=5))'
+echo "LISTEN 0      128             [::]:$p          [::]:*    users:((\"sshd\",pid=612,fd=4))"
+"""
+
+OURS = "comment 'innovaplus'"
+
+
+def run_ufw(
+    fake_bin: Callable[[str, str], Path], tmp_path: Path, defaults: Path, **extra: str
+) -> subprocess.CompletedProcess[str]:
     ufw = fake_bin("ufw", FAKE_UFW)
-    env = {**os.environ, "UFW": str(ufw), "UFW_DEFAULTS": str(defaults), "FAKE_UFW_STATE": str(tmp_path / "ufw")}
+    sshd = fake_bin("sshd", FAKE_SSHD)
+    ss = fake_bin("ss", FAKE_SS)
+    env = {
+        **{k: v for k, v in os.environ.items() if k != "SSH_PORTS"},
+        "UFW": str(ufw),
+        "SSHD": str(sshd),
+        "SS": str(ss),
+        "UFW_DEFAULTS": str(defaults),
+        "FAKE_UFW_STATE": str(tmp_path / "ufw"),
+        **extra,
+    }
     return subprocess.run(
         ["bash", str(DEPLOY / "firewall" / "ufw.sh")], capture_output=True, text=True, env=env, timeout=60
     )
 
 
-def test_ufw_opens_only_22_80_443_and_converges(fake_bin: Callable[[str, str], Path], tmp_path: Path) -> None:
+def _ufw_state(tmp_path: Path, rules: str = "") -> tuple[Path, Path]:
     defaults = tmp_path / "default-ufw"
     defaults.write_text('IPV6=no\nDEFAULT_INPUT_POLICY="DROP"\n')
     state = tmp_path / "ufw"
     state.mkdir()
-    # Leftovers from before: a backend port opened by hand, and SSH already there.
-    (state / "rules").write_text("ufw allow 8000/tcp\nufw allow 22/tcp\nufw allow 27017\n")
+    (state / "rules").write_text(rules)
+    return defaults, state
+
+
+def test_ufw_opens_ssh_80_443_keeps_foreign_rules_and_converges(
+    fake_bin: Callable[[str, str], Path], tmp_path: Path
+) -> None:
+    # Leftovers from before: a backend port opened by hand, a monitoring rule: not ours, kept.
+    defaults, state = _ufw_state(tmp_path, "ufw allow 8000/tcp\nufw allow from 10.0.0.5 to any port 9100 proto tcp\n")
 
     first = run_ufw(fake_bin, tmp_path, defaults)
     assert first.returncode == 0, first.stderr
-    assert (state / "rules").read_text().splitlines() == ["ufw allow 22/tcp", "ufw allow 80/tcp", "ufw allow 443/tcp"]
+    rules = (state / "rules").read_text().splitlines()
+    assert rules == [
+        "ufw allow 8000/tcp",
+        "ufw allow from 10.0.0.5 to any port 9100 proto tcp",
+        f"ufw allow 22/tcp {OURS}",
+        f"ufw allow 80/tcp {OURS}",
+        f"ufw allow 443/tcp {OURS}",
+    ]
+    assert "SSH listens on 22 (from sshd -T)" in first.stdout
+    assert "not made by this script (kept" in first.stdout and "8000/tcp" in first.stdout
     assert "IPV6=yes" in defaults.read_text()  # rules apply to IPv4 and IPv6
     assert "incoming deny" in (state / "defaults").read_text()
     assert (state / "status").read_text().strip() == "active"
     calls = (state / "calls").read_text().splitlines()
-    assert calls.index("allow 22/tcp") < calls.index("--force enable")  # SSH before enabling
+    assert calls.index("allow 22/tcp comment innovaplus") < calls.index("--force enable")  # SSH before enabling
+    assert not [c for c in calls if "delete" in c]  # never another's rule
 
     # Idempotent: a second run changes nothing and deletes nothing.
     (state / "calls").write_text("")
     second = run_ufw(fake_bin, tmp_path, defaults)
     assert second.returncode == 0, second.stderr
-    assert (state / "rules").read_text().splitlines() == ["ufw allow 22/tcp", "ufw allow 80/tcp", "ufw allow 443/tcp"]
+    assert (state / "rules").read_text().splitlines() == rules
     assert not [c for c in (state / "calls").read_text().splitlines() if "delete" in c]
     assert defaults.read_text().count("IPV6=") == 1
+
+
+def test_ufw_keeps_ssh_on_the_port_sshd_really_uses(fake_bin: Callable[[str, str], Path], tmp_path: Path) -> None:
+    """SSH on 2222: 2222 is opened before enabling, 22 is not opened at all."""
+    defaults, state = _ufw_state(tmp_path)
+    result = run_ufw(fake_bin, tmp_path, defaults, FAKE_SSHD_PORT="2222")
+    assert result.returncode == 0, result.stderr
+    rules = (state / "rules").read_text().splitlines()
+    assert rules == [f"ufw allow 2222/tcp {OURS}", f"ufw allow 80/tcp {OURS}", f"ufw allow 443/tcp {OURS}"]
+    calls = (state / "calls").read_text().splitlines()
+    assert calls.index("allow 2222/tcp comment innovaplus") < calls.index("--force enable")
+
+
+def test_ufw_moves_its_own_ssh_rule_after_sshd_moves(fake_bin: Callable[[str, str], Path], tmp_path: Path) -> None:
+    """Our old 22 rule goes once 2222 is allowed; rules of someone else's stay."""
+    defaults, state = _ufw_state(tmp_path, f"ufw allow 22/tcp {OURS}\nufw allow 5432/tcp comment 'db'\n")
+    result = run_ufw(fake_bin, tmp_path, defaults, FAKE_SSHD_PORT="2222")
+    assert result.returncode == 0, result.stderr
+    rules = (state / "rules").read_text().splitlines()
+    assert f"ufw allow 22/tcp {OURS}" not in rules
+    assert "ufw allow 5432/tcp comment 'db'" in rules
+    assert f"ufw allow 2222/tcp {OURS}" in rules
+    calls = (state / "calls").read_text().splitlines()
+    assert calls.index("allow 2222/tcp comment innovaplus") < calls.index("--force delete allow 22/tcp")
+
+
+def test_ufw_falls_back_to_sshds_listening_socket(fake_bin: Callable[[str, str], Path], tmp_path: Path) -> None:
+    defaults, state = _ufw_state(tmp_path)
+    result = run_ufw(fake_bin, tmp_path, defaults, FAKE_SSHD_FAIL="1", FAKE_SS_PORT="2200")
+    assert result.returncode == 0, result.stderr
+    assert "SSH listens on 2200 (from ss" in result.stdout
+    assert f"ufw allow 2200/tcp {OURS}" in (state / "rules").read_text().splitlines()
+
+
+def test_ufw_changes_nothing_when_it_cannot_find_the_ssh_port(
+    fake_bin: Callable[[str, str], Path], tmp_path: Path
+) -> None:
+    defaults, state = _ufw_state(tmp_path)
+    no_ss = fake_bin("ss-none", "#!/usr/bin/env bash\nexit 0\n")
+    result = run_ufw(fake_bin, tmp_path, defaults, FAKE_SSHD_FAIL="1", SS=str(no_ss))
+    assert result.returncode == 1
+    assert "SSH_PORTS=22" in result.stderr and "Nothing was changed" in result.stderr
+    assert (state / "rules").read_text() == ""
+    assert not (state / "calls").exists()
+    # ...and the operator's explicit answer is used.
+    given = run_ufw(fake_bin, tmp_path, defaults, FAKE_SSHD_FAIL="1", SS=str(no_ss), SSH_PORTS="2022")
+    assert given.returncode == 0, given.stderr
+    assert f"ufw allow 2022/tcp {OURS}" in (state / "rules").read_text().splitlines()
 
 
 FAKE_MONGODUMP = r"""#!/usr/bin/env bash
@@ -445,7 +555,8 @@ FAKE_RECORDER = r"""#!/usr/bin/env bash
 set -euo pipefail
 printf '%s\n' "$@" > "$FAKE_LOG"
 : > "$FAKE_LOG.env"
-for name in MONGO_URI MONGO_ROOT_USERNAME MONGO_ROOT_PASSWORD INNOVA_APP_USER INNOVA_APP_PASSWORD INNOVA_DB_NAME; do
+for name in MONGO_URI MONGO_ROOT_USERNAME MONGO_ROOT_PASSWORD INNOVA_APP_USER INNOVA_APP_PASSWORD INNOVA_DB_NAME \
+    RS_MEMBERS; do
   if [[ -n "${!name:-}" ]]; then echo "$name=${!name}" >> "$FAKE_LOG.env"; fi
 done
 if [[ ! -t 0 ]]; then cat > "$FAKE_LOG.stdin"; fi
@@ -490,6 +601,46 @@ def test_create_appuser_puts_no_password_on_a_command_line(
     assert (DEPLOY / "mongo" / "initdb" / "01-appuser.js").read_text() in script
 
 
+def test_rs_initiate_makes_a_three_member_set_without_a_password_on_a_command_line(
+    fake_bin: Callable[[str, str], Path], tmp_path: Path
+) -> None:
+    docker = fake_bin("docker", FAKE_RECORDER)
+    mongo_env = tmp_path / "mongo.env"
+    mongo_env.write_text("MONGO_ROOT_PASSWORD=r00t-s3cret\nAPP_PASSWORD=app-s3cret\nMEMBER_ADDRESS=10.0.0.21\n")
+    log = tmp_path / "docker.args"
+    members = "db1.internal:27017 db2.internal:27017 db3.internal:27017"
+    env = {"MONGO_ENV_FILE": str(mongo_env), "FAKE_LOG": str(log), "RS_MEMBERS": members}
+    result = run_with_fakes(DEPLOY / "mongo" / "rs-initiate.sh", docker.parent, env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "s3cret" not in log.read_text()
+    passed = dict(line.split("=", 1) for line in (tmp_path / "docker.args.env").read_text().splitlines())
+    assert passed["RS_MEMBERS"] == members and passed["INNOVA_APP_PASSWORD"] == "app-s3cret"
+    script = (tmp_path / "docker.args.stdin").read_text()
+    assert 'rs.initiate({ _id: "innova"' in script
+    assert (DEPLOY / "mongo" / "initdb" / "01-appuser.js").read_text() in script
+    # Two members cannot elect a primary when one is down: refused.
+    two = run_with_fakes(DEPLOY / "mongo" / "rs-initiate.sh", docker.parent, {**env, "RS_MEMBERS": "a:1 b:1"})
+    assert two.returncode == 2 and "must name 3 members" in two.stderr
+
+
+def test_the_replica_set_compose_file_uses_a_keyfile_and_a_private_address() -> None:
+    text = (DEPLOY / "mongo" / "compose-replicaset.yaml").read_text()
+    assert '"--replSet", "innova", "--keyFile", "/etc/mongo-keyfile", "--auth"' in text
+    assert "/etc/innovaplus/mongo-keyfile:/etc/mongo-keyfile:ro" in text
+    assert '"${MEMBER_ADDRESS:?' in text and "0.0.0.0:27017" not in text
+    assert "replicaSet=innova" in text
+    if shutil.which("docker") and subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0:
+        env = {**os.environ, "MONGO_ROOT_PASSWORD": "x", "APP_PASSWORD": "y", "MEMBER_ADDRESS": "10.0.0.21"}
+        result = subprocess.run(
+            ["docker", "compose", "-f", str(DEPLOY / "mongo" / "compose-replicaset.yaml"), "config", "--quiet"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+        )
+        assert result.returncode == 0, result.stderr
+
+
 URI = "mongodb://appuser:app-s3cret@127.0.0.1:27017/innova_db?authSource=innova_db"
 
 
@@ -519,3 +670,257 @@ def test_ping_through_the_container_keeps_the_uri_off_the_command_line(
     assert argv[:4] == ["exec", "-e", "MONGO_URI", "innova-mongo"]  # -e NAME: the value from the environment
     assert "--nodb" in argv and not any("s3cret" in arg for arg in argv)
     assert f"MONGO_URI={URI}" in (tmp_path / "docker.args.env").read_text().splitlines()
+
+
+FAKE_SYSTEMCTL = r"""#!/usr/bin/env bash
+echo "$*" >> "$FAKE_SYSTEMCTL_LOG"
+[[ $1 == is-active ]] && exit "${FAKE_INACTIVE:-0}"
+exit 0
+"""
+
+
+@pytest.mark.parametrize(
+    ("extra", "action"),
+    [
+        ({}, "reload"),  # the deploy: graceful, nothing dropped
+        ({"FAKE_INACTIVE": "3"}, "restart"),  # not running: start it
+        ({"RESTART": "1"}, "restart"),  # asked for (a changed unit or env file)
+    ],
+    ids=["running", "stopped", "asked"],
+)
+def test_remote_deploy_reloads_the_service_unless_a_restart_is_needed(
+    fake_bin: Callable[[str, str], Path], tmp_path: Path, extra: dict[str, str], action: str
+) -> None:
+    app = deploy_tree(tmp_path)
+    plugins = tmp_path / "plugins.txt"
+    plugins.write_text("innova-provider-echo\n")
+    calls = tmp_path / "systemctl.calls"
+    python = fake_bin("python3", FAKE_PYTHON)
+    systemctl = fake_bin("systemctl", FAKE_SYSTEMCTL)
+    # An existing virtualenv (a new one is a new Python: that restarts).
+    subprocess.run(
+        [str(python), "-m", "venv", str(app / ".venv")], check=True, env={**os.environ, "FAKE_LOG": "/dev/null"}
+    )
+    result = run_remote_deploy(
+        app,
+        plugins,
+        PYTHON=str(python),
+        FAKE_LOG=str(tmp_path / "pip.calls"),
+        SKIP_RESTART="0",
+        SYSTEMCTL=str(systemctl),
+        FAKE_SYSTEMCTL_LOG=str(calls),
+        **extra,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    done = [line for line in calls.read_text().splitlines() if line.split()[0] in ("reload", "restart")]
+    assert done == [f"{action} innovaplus-backend.service"], calls.read_text()
+    assert f"{action}ing innovaplus-backend.service" in result.stdout
+
+
+def test_remote_deploy_restarts_when_the_masters_own_packages_change(
+    fake_bin: Callable[[str, str], Path], tmp_path: Path
+) -> None:
+    """A new gunicorn/uvicorn: workers forked from the old master would keep its copy, so restart."""
+    app = deploy_tree(tmp_path)
+    plugins = tmp_path / "plugins.txt"
+    plugins.write_text("innova-provider-echo\n")
+    site = app / ".venv" / "lib" / "python3.11" / "site-packages"
+    site.mkdir(parents=True)
+    (site / "gunicorn-23.0.0.dist-info").mkdir()
+    (app / ".venv" / "bin").mkdir()
+    # pip "upgrades" gunicorn: the recorder also swaps the dist-info.
+    upgrade = f'mv "{site}/gunicorn-23.0.0.dist-info" "{site}/gunicorn-27.0.1.dist-info" 2>/dev/null || true\n'
+    (app / ".venv" / "bin" / "python").write_text(f"#!/usr/bin/env bash\n{upgrade}")
+    (app / ".venv" / "bin" / "innova").write_text("#!/usr/bin/env bash\necho fake innova\n")
+    for name in ("python", "innova"):
+        (app / ".venv" / "bin" / name).chmod(0o755)
+    calls = tmp_path / "systemctl.calls"
+    systemctl = fake_bin("systemctl", FAKE_SYSTEMCTL)
+    result = run_remote_deploy(app, plugins, SKIP_RESTART="0", SYSTEMCTL=str(systemctl), FAKE_SYSTEMCTL_LOG=str(calls))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "restart innovaplus-backend.service" in calls.read_text().splitlines()
+    assert "gunicorn, uvicorn or the Python changed" in result.stdout
+
+
+# -- backups off the host, alerts, the restore check -------------------------------------------
+
+
+def test_backup_copies_the_new_dump_off_the_host_with_rsync(
+    fake_bin: Callable[[str, str], Path], tmp_path: Path
+) -> None:
+    """A second directory stands in for the remote: real rsync, the same command as over SSH."""
+    if shutil.which("rsync") is None:
+        pytest.skip("rsync is not installed (Debian package rsync)")
+    remote = tmp_path / "remote"
+    remote.mkdir()
+    (remote / "innova-2020-01-01").mkdir()  # an old copy there: the remote keeps it
+    first = run_backup(fake_bin, tmp_path, BACKUP_REMOTE=str(remote), BACKUP_SSH="false")
+    assert first.returncode == 0, first.stdout + first.stderr
+    today = dt.date.today().isoformat()
+    assert (remote / f"innova-{today}" / "innova_db" / "users.bson").read_text() == "dump\n"
+    assert (remote / "innova-2020-01-01").is_dir()
+    assert f"copied to {remote}/innova-{today}" in first.stdout
+    # Without a destination the dump is kept, with a warning.
+    alone = run_backup(fake_bin, tmp_path)
+    assert alone.returncode == 0 and "BACKUP_REMOTE is not set" in alone.stderr
+
+
+def test_backup_fails_when_the_off_host_copy_fails(fake_bin: Callable[[str, str], Path], tmp_path: Path) -> None:
+    rsync = fake_bin(
+        "rsync", "#!/usr/bin/env bash\necho 'ssh: connect to host backup port 22: timed out' >&2\nexit 12\n"
+    )
+    result = run_backup(fake_bin, tmp_path, BACKUP_REMOTE="innova@backup.example:/srv/innova", RSYNC=str(rsync))
+    assert result.returncode == 12  # the unit fails: OnFailure= alerts
+    assert (tmp_path / "backups" / f"innova-{dt.date.today().isoformat()}").is_dir()  # the local dump stays
+
+
+class _Hook(http.server.BaseHTTPRequestHandler):
+    received: ClassVar[list[dict[str, Any]]] = []
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        _Hook.received.append({"type": self.headers["Content-Type"], "body": json.loads(body)})
+        self.send_response(200)
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_alert_posts_the_failed_unit_and_its_journal_to_the_webhook(
+    fake_bin: Callable[[str, str], Path], tmp_path: Path
+) -> None:
+    if shutil.which("curl") is None:
+        pytest.skip("curl is not installed")
+    server = http.server.HTTPServer(("127.0.0.1", 0), _Hook)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    journal = fake_bin("journalctl", '#!/usr/bin/env bash\necho "journal of $2: mongodump: connection refused"\n')
+    env_file = tmp_path / "alert.env"
+    env_file.write_text(f"ALERT_WEBHOOK_URL=http://127.0.0.1:{server.server_port}/hook\n")
+    try:
+        _Hook.received.clear()
+        result = subprocess.run(
+            ["bash", str(DEPLOY / "scripts" / "alert.sh"), "innovaplus-backup.service"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "ALERT_ENV_FILE": str(env_file), "JOURNALCTL": str(journal)},
+        )
+    finally:
+        server.shutdown()
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert len(_Hook.received) == 1 and _Hook.received[0]["type"] == "application/json"
+    text = _Hook.received[0]["body"]["text"]
+    assert text.startswith("INNOVAPLUS: innovaplus-backup.service failed on ")
+    assert "journal of innovaplus-backup.service: mongodump: connection refused" in text
+
+
+def test_alert_without_a_destination_fails_loudly(tmp_path: Path) -> None:
+    result = subprocess.run(
+        ["bash", str(DEPLOY / "scripts" / "alert.sh"), "innovaplus-backup.service"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "ALERT_ENV_FILE": str(tmp_path / "none.env")},
+    )
+    assert result.returncode == 1 and "neither ALERT_WEBHOOK_URL nor ALERT_EMAIL" in result.stderr
+
+
+def test_the_units_alert_on_failure() -> None:
+    for unit in ("systemd/innovaplus-backend.service", "backup/innovaplus-backup.service",
+                 "backup/innovaplus-restore-check.service"):  # fmt: skip
+        assert "OnFailure=innovaplus-alert@%n.service" in (DEPLOY / unit).read_text(), unit
+
+
+# A mongorestore that does what the real one does with the script's arguments,
+# with pymongo (the test's Python): --config (uri), --nsInclude/--nsFrom/--nsTo, --drop, --dir.
+FAKE_MONGORESTORE_PY = r"""#!{python}
+import os, re, sys
+from pathlib import Path
+import bson
+from pymongo import MongoClient
+args = sys.argv[1:]
+def value(name):
+    return args[args.index(name) + 1] if name in args else None
+uri = re.search(r'uri: "(.*)"', Path(value("--config")).read_text())[1]
+source = value("--nsInclude").split(".")[0]
+target = (value("--nsTo") or value("--nsInclude")).split(".")[0]
+skip = os.environ.get("FAKE_SKIP_COLLECTION")
+client = MongoClient(uri)
+for path in sorted((Path(value("--dir")) / source).glob("*.bson")):
+    if path.stem == skip:
+        continue
+    collection = client[target][path.stem]
+    if "--drop" in args:
+        collection.drop()
+    docs = list(bson.decode_file_iter(path.open("rb")))
+    if docs:
+        collection.insert_many(docs)
+"""
+
+
+def _write_dump(root: Path, day: dt.date, counts: dict[str, int]) -> Path:
+    from bson import encode
+
+    dump = root / f"innova-{day.isoformat()}" / "innova_db"
+    dump.mkdir(parents=True)
+    for name, count in counts.items():
+        with (dump / f"{name}.bson").open("wb") as out:
+            for i in range(count):
+                out.write(encode({"_id": i, "name": f"{name}-{i}"}))
+    return dump.parent
+
+
+def run_restore_check(
+    fake_bin: Callable[[str, str], Path], tmp_path: Path, mongo_uri: str, scratch: str, **extra: str
+) -> subprocess.CompletedProcess[str]:
+    restore = fake_bin("mongorestore", FAKE_MONGORESTORE_PY.replace("{python}", sys.executable))
+    env = {
+        **{k: v for k, v in os.environ.items() if k not in ("MONGO_URI", "DB_NAME")},
+        "ENV_FILE": str(tmp_path / "none.env"),
+        "MONGO_URI": mongo_uri,
+        "DB_NAME": "innova_db",
+        "BACKUP_ROOT": str(tmp_path / "backups"),
+        "RESTORE_CHECK_DB": scratch,
+        "MONGORESTORE": str(restore),
+        **extra,
+    }
+    return subprocess.run(
+        [sys.executable, str(DEPLOY / "backup" / "restore-check.py")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+
+
+def test_restore_check_restores_the_newest_dump_into_a_scratch_database(
+    fake_bin: Callable[[str, str], Path], tmp_path: Path, mongo_uri: str
+) -> None:
+    from pymongo import MongoClient
+
+    scratch = f"innova_restore_check_{uuid.uuid4().hex[:6]}"
+    today = dt.date.today()
+    _write_dump(tmp_path / "backups", today - dt.timedelta(days=5), {"users": 1})  # older: not this one
+    _write_dump(tmp_path / "backups", today, {"users": 3, "messages": 7, "sessions": 0})
+    result = run_restore_check(fake_bin, tmp_path, mongo_uri, scratch)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"OK: innova-{today.isoformat()}, 3 collections, 10 documents restored" in result.stdout
+    assert "messages: 7 in the dump, 7 restored" in result.stdout
+    with MongoClient(mongo_uri) as client:
+        assert scratch not in client.list_database_names()  # dropped after the check
+    # A restore that loses a collection fails the check (and the unit: OnFailure alerts).
+    broken = run_restore_check(fake_bin, tmp_path, mongo_uri, scratch, FAKE_SKIP_COLLECTION="messages")
+    assert broken.returncode == 1
+    assert "FAILED: restored counts differ: messages (0 of 7)" in broken.stdout
+
+
+def test_restore_check_fails_when_the_backups_stopped(
+    fake_bin: Callable[[str, str], Path], tmp_path: Path, mongo_uri: str
+) -> None:
+    _write_dump(tmp_path / "backups", dt.date.today() - dt.timedelta(days=9), {"users": 2})
+    result = run_restore_check(fake_bin, tmp_path, mongo_uri, "innova_restore_check_x")
+    assert result.returncode == 1 and "is 9 days old" in result.stdout
+    refused = run_restore_check(fake_bin, tmp_path, mongo_uri, "innova_db")
+    assert refused.returncode == 1 and "must not be the live database" in refused.stdout

@@ -137,8 +137,12 @@ def test_nginx_test_catches_a_broken_site(
 
 UNITS = [
     DEPLOY / "systemd" / "innovaplus-backend.service",
+    DEPLOY / "systemd" / "innovaplus-alert@.service",
+    DEPLOY / "systemd" / "innovaplus-llama.service",
     DEPLOY / "backup" / "innovaplus-backup.service",
     DEPLOY / "backup" / "innovaplus-backup.timer",
+    DEPLOY / "backup" / "innovaplus-restore-check.service",
+    DEPLOY / "backup" / "innovaplus-restore-check.timer",
 ]
 
 
@@ -155,13 +159,19 @@ def _verify_units(units: list[Path], tmp_path: Path) -> str:
     gunicorn = find_tool("gunicorn")
     assert gunicorn, "gunicorn is not installed (innova-server[production])"
     (root / ".venv" / "bin" / "gunicorn").symlink_to(gunicorn)
+    (root / ".venv" / "bin" / "python").symlink_to(sys.executable)
+    # The model server's binary (built from llama.cpp, deploy/README.md): a stand-in.
+    llama = tmp_path / "llama-server"
+    llama.write_text("#!/bin/sh\n")
+    llama.chmod(0o755)
     (root / "deploy").symlink_to(DEPLOY)
     work = tmp_path / "units"
     work.mkdir()
     copies = []
     for unit in units:
         copy = work / unit.name
-        copy.write_text(unit.read_text().replace("/opt/innovaplus/backend", str(root)))
+        text = unit.read_text().replace("/opt/innovaplus/backend", str(root))
+        copy.write_text(text.replace("/usr/local/bin/llama-server", str(llama)))
         copies.append(copy)
     env = {**os.environ, "SYSTEMD_LOG_COLOR": "0", "SYSTEMD_PAGER": ""}
     result = subprocess.run(
@@ -243,3 +253,18 @@ def test_compose_binds_mongo_to_loopback_with_auth_and_a_volume() -> None:
 
 def test_python_files_compile() -> None:
     subprocess.run([sys.executable, "-m", "py_compile", str(DEPLOY / "gunicorn.conf.py")], check=True)
+
+
+def test_the_deploy_rolls_over_the_hosts_one_at_a_time() -> None:
+    """One host at a time, each reloaded (remote-deploy.sh) and healthy on its own
+    before the next; the first failure stops the rest; then the public address."""
+    text = (REPO / ".github" / "workflows" / "deploy-backend.yml").read_text()
+    deploy = text[text.index("\n  deploy:\n") : text.index("\n  public-health:\n")]
+    assert "max-parallel: 1" in deploy and "fail-fast: true" in deploy
+    assert "host: ${{ fromJSON(needs.hosts.outputs.list) }}" in deploy
+    assert deploy.index("deploy/scripts/remote-deploy.sh") < deploy.index(
+        "wait-healthy.sh' http://127.0.0.1:8000/health"
+    )
+    public = text[text.index("\n  public-health:\n") :]
+    assert "needs: deploy" in public and 'wait-healthy.sh "$HEALTH_URL"' in public
+    assert "systemctl restart" not in text

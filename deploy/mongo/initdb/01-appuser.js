@@ -9,11 +9,17 @@ if (!pwd) {
   throw new Error("INNOVA_APP_PASSWORD is not set");
 }
 const appDb = db.getSiblingDB(dbName);
-const roles = [{ role: "dbOwner", db: dbName }];
+// Also the owner of the scratch database of the monthly restore check
+// (deploy/backup/restore-check.py), which it fills and drops.
+const scratchDb = process.env.INNOVA_RESTORE_CHECK_DB || "innova_restore_check";
+const roles = [
+  { role: "dbOwner", db: dbName },
+  { role: "dbOwner", db: scratchDb },
+];
 if (appDb.getUser(user)) {
   appDb.updateUser(user, { pwd: pwd, roles: roles });
-  print(`updated user ${user} (dbOwner on ${dbName})`);
+  print(`updated user ${user} (dbOwner on ${dbName} and ${scratchDb})`);
 } else {
   appDb.createUser({ user: user, pwd: pwd, roles: roles });
-  print(`created user ${user} (dbOwner on ${dbName})`);
+  print(`created user ${user} (dbOwner on ${dbName} and ${scratchDb})`);
 }

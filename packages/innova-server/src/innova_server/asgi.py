@@ -16,7 +16,7 @@ import os
 import sys
 
 from innova_server.app import create_app
-from innova_server.logconfig import configure_logging
+from innova_server.logconfig import configure_logging, stream_is_journal
 from innova_server.settings import ConfigError
 
 try:
@@ -30,6 +30,7 @@ try:
     configure_logging()
     app = create_app()
 except ConfigError as error:
+    priority = "<3>" if stream_is_journal(sys.stderr) else ""  # journald: priority err
     for line in error.lines:
-        print(f"innova: configuration error: {line}", file=sys.stderr)
+        print(f"{priority}innova: configuration error: {line}", file=sys.stderr)
     sys.exit(3)

@@ -13,7 +13,7 @@ import time
 from typing import Any
 
 import pymongo
-from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, IndexModel, ReturnDocument
+from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, IndexModel, ReadPreference, ReturnDocument
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError, PyMongoError
@@ -172,12 +172,20 @@ class Database:
                 await self.db[collection].create_indexes(models)
 
     async def ping(self, timeout: float = 2.0) -> bool:  # noqa: ASYNC109 - a budget, not a cancel scope
-        """True when the server answers a ping within `timeout` seconds; never raises."""
+        """True when a member of the database answers a ping within `timeout` seconds; never raises.
+
+        Any member, not only the primary (`primaryPreferred`): during a replica
+        set's election (a few seconds without a primary) writes wait for the
+        new primary (server selection, then a retryable write), so the process
+        still serves. Were `/health` to fail then, every host would fail it at
+        the same moment and a load balancer would empty its whole pool for
+        what is a pause (deploy/README.md, "Several hosts").
+        """
         started = time.monotonic()
         try:
             async with asyncio.timeout(timeout):
                 with pymongo.timeout(timeout):
-                    await self.client.admin.command("ping")
+                    await self.client.admin.command("ping", read_preference=ReadPreference.PRIMARY_PREFERRED)
         except (PyMongoError, TimeoutError):
             return False
         finally:
