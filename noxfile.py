@@ -154,4 +154,5 @@ def bench_models(session: nox.Session) -> None:
     install_workspace(session, "embedded", "production")
     session.install(*PINS, *[arg for p in MODEL_PLUGINS for arg in ("-e", f"{p}[test]")], "psutil>=5.9")
     session.run("python", "benchmarks/smollm_bench.py")
+    session.run("python", "benchmarks/smollm_parallel_bench.py")
     session.run("python", "benchmarks/cloud_bench.py")

@@ -26,8 +26,14 @@ LONG = "Count from 1 to 300, one number per line."
 
 
 @pytest.fixture
-def local_server(start_server: Callable[..., Any], local_env: Path) -> Callable[..., Any]:
-    def start(**overrides: Any) -> Any:
+def local_server(
+    start_server: Callable[..., Any], local_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> Callable[..., Any]:
+    """A server with PROVIDER=local; `parallel` sets SMOLLM_PARALLEL (the default: the setting's own)."""
+
+    def start(parallel: int | None = None, **overrides: Any) -> Any:
+        if parallel is not None:
+            monkeypatch.setenv("SMOLLM_PARALLEL", str(parallel))
         values: dict[str, Any] = {"provider": "local", "chat_max_tokens": 24, "chat_temperature": 0.0}
         return start_server(**{**values, **overrides})
 
@@ -58,8 +64,10 @@ def test_a_reply_streams_in_several_tokens_and_is_stored(local_server: Callable[
     assert stored["provider"] == "local" and stored["model"] == MODEL
 
 
-def test_two_concurrent_requests_are_served_one_after_the_other(local_server: Callable[..., Any]) -> None:
-    server = local_server(chat_max_tokens=40)
+def test_with_one_slot_two_concurrent_requests_are_served_one_after_the_other(
+    local_server: Callable[..., Any],
+) -> None:
+    server = local_server(parallel=1, chat_max_tokens=40)
     spans: dict[str, tuple[float, float]] = {}
     results: dict[str, Stream] = {}
 
@@ -93,8 +101,8 @@ def test_two_concurrent_requests_are_served_one_after_the_other(local_server: Ca
     assert second_first > first_last
 
 
-def test_three_requests_are_served_first_come_first_served(local_server: Callable[..., Any]) -> None:
-    server = local_server(chat_max_tokens=30)
+def test_with_one_slot_three_requests_are_served_first_come_first_served(local_server: Callable[..., Any]) -> None:
+    server = local_server(parallel=1, chat_max_tokens=30)
     provider = provider_of(server)
     spans: dict[str, tuple[float, float]] = {}
 
@@ -118,6 +126,38 @@ def test_three_requests_are_served_first_come_first_served(local_server: Callabl
     assert set(spans) == {"a", "b", "c"}
     # In arrival order, each after the previous one's last token.
     assert spans["a"][1] < spans["b"][0] and spans["b"][1] < spans["c"][0]
+
+
+def test_with_several_slots_concurrent_replies_stream_together(local_server: Callable[..., Any]) -> None:
+    server = local_server(parallel=4, chat_max_tokens=40)
+    assert provider_of(server).parallel == 4
+    spans: dict[str, tuple[float, float]] = {}
+    texts: dict[str, str] = {}
+
+    def one(name: str) -> None:
+        with signed_in(server.url) as client:
+            times: list[float] = []
+            with connect_sse(client, "POST", "/chatlaya/message", json={"content": LONG}) as source:
+                assert source.response.status_code == 200
+                stream = Stream(200, source.response.headers)
+                for sse in source.iter_sse():
+                    if sse.event == "token":
+                        times.append(time.monotonic())
+                    stream.events.append((sse.event, json.loads(sse.data)))
+            assert stream.data("done")["usage"]["completion_tokens"] == 40
+            spans[name], texts[name] = (times[0], times[-1]), stream.text()
+
+    threads = [threading.Thread(target=one, args=(name,)) for name in "abc"]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert set(spans) == {"a", "b", "c"}
+    # Each reply's first token comes before the others' last: decoded together, not one after the other.
+    for name, (first, _) in spans.items():
+        assert all(first < last for other, (_, last) in spans.items() if other != name)
+    # The same question, greedy: the same reply whatever its neighbours.
+    assert len(set(texts.values())) == 1
 
 
 def test_a_message_too_long_is_413_at_once_even_while_another_reply_runs(
@@ -150,23 +190,28 @@ def test_a_full_queue_answers_503_provider_busy_with_retry_after(
     local_server: Callable[..., Any], db: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("SMOLLM_MAX_QUEUE", "0")  # as a deployer sets it: none may wait
-    server = local_server(chat_max_tokens=300)
+    server = local_server(parallel=2, chat_max_tokens=300)
     assert provider_of(server).max_queue == 0
     with (
         signed_in(server.url) as client,
+        signed_in(server.url) as second,
         connect_sse(client, "POST", "/chatlaya/message", json={"content": LONG}) as source,
+        connect_sse(second, "POST", "/chatlaya/message", json={"content": LONG}) as source2,
     ):
-        assert source.response.status_code == 200
+        assert source.response.status_code == 200 and source2.response.status_code == 200
         events = source.iter_sse()
-        next(events), next(events)  # start, first token: the model is busy
+        next(events), next(events)  # start, first token: one slot of two busy
+        events2 = source2.iter_sse()
+        next(events2), next(events2)  # and the second: both slots busy
+        assert provider_of(server).running == 2
         with signed_in(server.url) as other:
             busy = other.post("/chatlaya/message", json={"content": "Bonjour"})
             assert busy.status_code == 503, busy.text
             assert busy.json()["detail"]["code"] == "provider_busy"
             assert int(busy.headers["retry-after"]) >= 1
-    # The refused request left no message behind: only the first user's question.
-    wait_for(lambda: db.messages.count_documents({"role": "assistant"}) == 1)
-    assert db.messages.count_documents({"role": "user"}) == 1
+    # The refused request left no message behind: only the two running users' questions.
+    wait_for(lambda: db.messages.count_documents({"role": "assistant"}) == 2)
+    assert db.messages.count_documents({"role": "user"}) == 2
 
 
 def test_a_disconnect_stops_the_generation_and_the_next_request_starts_at_once(

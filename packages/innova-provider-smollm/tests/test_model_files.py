@@ -9,7 +9,7 @@ import pytest
 
 from innova_provider_smollm import SmolLMSettings, make_local
 from innova_provider_smollm.model import LocalModel, ModelFileError, choose_model, find_models
-from innova_provider_smollm.provider import FifoSlot
+from innova_provider_smollm.slots import FifoSlot, FifoSlots
 from innova_server.plugins import PluginRegistry
 from innova_server.settings import ConfigError, Settings
 
@@ -52,14 +52,25 @@ def test_chat_model_picks_a_file_by_stem(tmp_path: Path) -> None:
 
 
 def test_settings_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("SMOLLM_MODEL_PATH", "SMOLLM_N_CTX", "SMOLLM_N_THREADS", "SMOLLM_LOAD", "SMOLLM_MAX_QUEUE"):
-        monkeypatch.delenv(name, raising=False)
+    names = ("MODEL_PATH", "N_CTX", "N_THREADS", "LOAD", "MAX_QUEUE", "PARALLEL", "PROMPT_CHUNK")
+    for name in names:
+        monkeypatch.delenv(f"SMOLLM_{name}", raising=False)
     settings = SmolLMSettings(_env_file=None)
     assert settings.smollm_model_path == Path("backend/smollm-1.7b-instruct")
     assert settings.smollm_load == "startup" and settings.smollm_max_queue == 4
     options = settings.llama_options()
     assert options.n_ctx == 2048 and options.n_threads >= 1
-    assert options.llama_kwargs()["verbose"] is False
+    assert options.parallel == 4 and options.prompt_chunk == 32
+    kwargs = options.llama_kwargs()
+    assert kwargs["verbose"] is False
+    # With several slots the batch engine has its own context: the `Llama` object's own stays tiny.
+    assert kwargs["n_ctx"] < options.n_ctx
+
+
+def test_one_slot_is_the_llama_objects_own_context(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SMOLLM_PARALLEL", "1")
+    options = SmolLMSettings(_env_file=None).llama_options()
+    assert options.parallel == 1 and options.llama_kwargs()["n_ctx"] == 2048
 
 
 def test_a_missing_model_stops_the_start_with_the_reason(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -74,10 +85,12 @@ def test_bad_settings_stop_the_start_with_one_line_per_variable(monkeypatch: pyt
     monkeypatch.setenv("SMOLLM_N_CTX", "lots")
     monkeypatch.setenv("SMOLLM_LOAD", "sometimes")
     monkeypatch.setenv("SMOLLM_MAX_QUEUE", "-1")
+    monkeypatch.setenv("SMOLLM_PARALLEL", "0")
     with pytest.raises(ConfigError) as error:
         make_local(Settings(_env_file=None, env="test", provider="local"))
     lines = error.value.lines
-    assert [line.split(":")[0] for line in lines] == ["SMOLLM_N_CTX", "SMOLLM_LOAD", "SMOLLM_MAX_QUEUE"]
+    names = ["SMOLLM_N_CTX", "SMOLLM_LOAD", "SMOLLM_MAX_QUEUE", "SMOLLM_PARALLEL"]
+    assert [line.split(":")[0] for line in lines] == names
     assert all("\n" not in line for line in lines)
     assert "lots" not in str(error.value) and "sometimes" not in str(error.value)  # values are not echoed
 
@@ -167,3 +180,29 @@ def test_the_slot_passes_on_a_handover_to_a_cancelled_waiter() -> None:
         assert not slot.held
 
     asyncio.run(main())
+
+
+def test_several_slots_serve_at_once_then_in_arrival_order() -> None:
+    async def main() -> list[str]:
+        slots, order = FifoSlots(2), []
+        await slots.acquire()
+        await slots.acquire()  # both taken without waiting
+        assert slots.full and slots.in_use == 2
+
+        async def wait(name: str) -> None:
+            await slots.acquire()
+            order.append(name)
+
+        tasks = [asyncio.create_task(wait(name)) for name in "abc"]
+        await asyncio.sleep(0.01)
+        assert slots.waiting == 3
+        slots.release()  # one freed: the oldest waiter, and only it
+        await asyncio.sleep(0.01)
+        assert order == ["a"] and slots.waiting == 2
+        slots.release()
+        slots.release()
+        await asyncio.gather(*tasks)
+        assert slots.in_use == 2
+        return order
+
+    assert asyncio.run(main()) == ["a", "b", "c"]

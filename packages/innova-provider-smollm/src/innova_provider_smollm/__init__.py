@@ -2,7 +2,8 @@
 
 Nothing leaves the machine. The model is loaded once per process (each
 gunicorn worker holds its own copy: see README_SMOLLM.md), generation runs in
-a worker thread, and one generation runs at a time behind a FIFO queue.
+a worker thread, and `SMOLLM_PARALLEL` generations run at once (decoded
+together in one batch when more than one) behind a FIFO queue.
 
 llama-cpp-python is imported only when `PROVIDER=local` builds the provider,
 so merely installing this package costs the other providers nothing.
@@ -18,13 +19,21 @@ from typing import Annotated, Any, Literal
 from pydantic import Field
 
 from innova_provider_smollm.model import LlamaOptions, ModelFileError, choose_model, find_models
-from innova_provider_smollm.provider import FifoSlot, SmolLMProvider
+from innova_provider_smollm.provider import SmolLMProvider
+from innova_provider_smollm.slots import FifoSlot, FifoSlots
 from innova_server.plugins import RegisterProvider, hookimpl
 from innova_server.settings import ConfigError, PluginSettings, Settings
 
 log = logging.getLogger("innova.smollm")
 
 DEFAULT_MODEL_PATH = Path("backend/smollm-1.7b-instruct")
+# README_SMOLLM.md §6 has the measurements (2-core development machine): 4
+# replies at once stream fairly and a newcomer starts at once; 8 gives
+# llama.cpp a little more throughput there (1.34× vs 1.14× one alone) for
+# twice the KV memory and half the speed per reply.
+DEFAULT_PARALLEL = 4
+# Prompt tokens per step beside running streams (README_SMOLLM.md says why).
+DEFAULT_PROMPT_CHUNK = 32
 
 
 def available_cpus() -> int:
@@ -46,14 +55,20 @@ class SmolLMSettings(PluginSettings):
     #: Prompt tokens evaluated per llama.cpp batch.
     smollm_n_batch: Annotated[int, Field(ge=1)] = 512
     smollm_load: Literal["startup", "lazy"] = "startup"
-    #: Requests that may wait behind the running one; more get ProviderBusy.
+    #: Requests that may wait behind the running ones; more get ProviderBusy.
     smollm_max_queue: Annotated[int, Field(ge=0)] = 4
+    #: Replies decoded together in one batch (1: one at a time, `Llama.generate`).
+    smollm_parallel: Annotated[int, Field(ge=1, le=64)] = DEFAULT_PARALLEL
+    #: Prompt tokens of a newcomer evaluated per step while others generate.
+    smollm_prompt_chunk: Annotated[int, Field(ge=1)] = DEFAULT_PROMPT_CHUNK
 
     def llama_options(self) -> LlamaOptions:
         return LlamaOptions(
             n_ctx=self.smollm_n_ctx,
             n_threads=self.smollm_n_threads or available_cpus(),
             n_batch=self.smollm_n_batch,
+            parallel=self.smollm_parallel,
+            prompt_chunk=self.smollm_prompt_chunk,
         )
 
 
@@ -78,8 +93,9 @@ def make_local(settings: Settings) -> SmolLMProvider:
     except ModelFileError as exc:
         raise ConfigError([f"PROVIDER='local': {exc}"]) from exc
     log.info(
-        "local model %s (%s), n_ctx=%d, n_threads=%d, load=%s",
-        name, path, provider.options.n_ctx, provider.options.n_threads, plugin_settings.smollm_load,
+        "local model %s (%s), n_ctx=%d per slot, n_threads=%d, parallel=%d, load=%s",
+        name, path, provider.options.n_ctx, provider.options.n_threads, provider.parallel,
+        plugin_settings.smollm_load,
     )  # fmt: skip
     return provider
 
@@ -109,6 +125,7 @@ def innova_register_providers(register: RegisterProvider) -> None:
 
 __all__ = [
     "FifoSlot",
+    "FifoSlots",
     "SmolLMProvider",
     "SmolLMSettings",
     "innova_register_providers",

@@ -65,22 +65,32 @@ def choose_model(models: dict[str, Path], chat_model: str | None) -> tuple[str, 
     return stem, models[stem]
 
 
+# With SMOLLM_PARALLEL > 1 the `Llama` object only tokenizes and holds the
+# weights; the batch engine decodes in a context of its own. Its own context
+# is then kept as small as llama.cpp allows, not a second KV cache.
+UNUSED_CONTEXT = {"n_ctx": 256, "n_batch": 8, "n_ubatch": 8}
+
+
 @dataclass(frozen=True)
 class LlamaOptions:
-    """The llama.cpp settings, all explicit (nothing left to llama-cpp-python's defaults that matters)."""
+    """The llama.cpp settings, all explicit (nothing left to llama-cpp-python's defaults that matters).
+
+    `n_ctx` is the window of one conversation (one slot); `parallel` the
+    sequences decoded together (1: `Llama.generate`, one at a time).
+    """
 
     n_ctx: int
     n_threads: int
     n_batch: int = 512
+    parallel: int = 1
+    prompt_chunk: int = 32
 
     def llama_kwargs(self) -> dict[str, Any]:
-        return {
-            "n_ctx": self.n_ctx,
-            "n_threads": self.n_threads,
-            "n_threads_batch": self.n_threads,
-            "n_batch": min(self.n_batch, self.n_ctx),
-            "verbose": False,
-        }
+        if self.parallel > 1:
+            context: dict[str, Any] = dict(UNUSED_CONTEXT)
+        else:
+            context = {"n_ctx": self.n_ctx, "n_batch": min(self.n_batch, self.n_ctx)}
+        return {**context, "n_threads": self.n_threads, "n_threads_batch": self.n_threads, "verbose": False}
 
 
 @dataclass(frozen=True)
@@ -141,6 +151,14 @@ class LocalModel:
             add_generation_prompt=True,
             stop_token_ids=[eos] if eos >= 0 else None,
         )
+
+    def is_end_of_generation(self, token: int) -> bool:
+        return token in self._eog
+
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes of one generated token (special tokens render as nothing, as in `generate`)."""
+        piece: bytes = self.llama.detokenize([token])
+        return piece
 
     def _token_text(self, token: int) -> str:
         return bytes(self.llama.detokenize([token], special=True)).decode("utf-8", errors="replace")
