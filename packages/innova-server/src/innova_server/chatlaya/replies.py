@@ -26,8 +26,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable
-from typing import TypeVar, cast
+from collections.abc import Awaitable, Coroutine
+from typing import Any, TypeVar, cast
 
 from bson import ObjectId
 
@@ -186,7 +186,12 @@ class Replies:
     async def _release(self, slot: Slot) -> None:
         # Shielded: a client leaving now must not leak the slot (its lease would free it, later).
         with contextlib.suppress(Exception):
-            await asyncio.shield(self.slots.release(slot))
+            await self._shielded("chat-slot-release", self.slots.release(slot))
+
+    async def _shielded(self, name: str, work: Coroutine[Any, Any, None]) -> None:
+        """`await work` in a task the app holds (`BackgroundTasks`): a client leaving cancels
+        the wait, never the work, and the task is not garbage-collected half-way."""
+        await asyncio.shield(self.tasks.spawn(name, work))
 
     async def _consume_message_limit(self, user_id: str) -> None:
         """The per-minute message limit, and the daily token quota (read together: one round trip of wait)."""
@@ -245,7 +250,8 @@ class Replies:
         created = [message_id, *([user_message_id] if content is not None else [])]
         failure = next((o for o in (history, inserted, touched) if isinstance(o, BaseException)), None)
         if failure is not None or touched is False:
-            await asyncio.shield(self._take_back(conversation, branch_before, branch, created, slot, touched is True))
+            undo = self._take_back(conversation, branch_before, branch, created, slot, touched is True)
+            await self._shielded("chat-undo", undo)
             raise failure or AppError(ErrorCode.CONVERSATION_NOT_FOUND)
         assert not isinstance(history, BaseException)
         newest_first, prompt = history
@@ -271,7 +277,7 @@ class Replies:
             await turn.first_item(settings.chat_ping_seconds)
             turn.accept()
         except BaseException as error:
-            await asyncio.shield(self._refused(turn, conversation, branch_before, branch))
+            await self._shielded("chat-undo", self._refused(turn, conversation, branch_before, branch))
             if isinstance(error, ProviderError):
                 metrics.CHAT_STREAMS.labels(self.provider_name, "refused").inc()
                 raise provider_app_error(error) from error
