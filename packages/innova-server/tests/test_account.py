@@ -10,13 +10,13 @@ from __future__ import annotations
 import asyncio
 import itertools
 import re
-from datetime import UTC, datetime, timedelta
 from http.cookies import SimpleCookie
 
 import httpx
 import pytest
 
-from innova_server.auth.tokens import hash_token, new_token
+from innova_server.auth.tokens import hash_token
+from innova_server.testing.accounts import plant_reset_token
 from innova_server.testing.chat_client import PASSWORD, signed_in
 from innova_server.testing.mailbox import PASSWORD_CHANGED, text_of, wait_for_mails
 
@@ -134,19 +134,7 @@ def test_a_right_current_password_does_not_use_up_the_window(start_server):
 def test_password_change_voids_pending_reset_links(server, db):
     email = "links@example.com"
     with signed_in(server.url, email) as client:
-        token = new_token()
-        user = db.users.find_one({"email": email})
-        now = datetime.now(UTC)
-        db.password_reset_tokens.insert_one(
-            {
-                "token_hash": hash_token(token),
-                "user_id": user["_id"],
-                "email": email,
-                "created_at": now,
-                "expires_at": now + timedelta(minutes=30),
-                "used": False,
-            }
-        )
+        token = plant_reset_token(db, email)
         assert change(client).status_code == 200
         late = client.post("/auth/reset", json={"token": token, "email": email, "password": "an attacker's pick"})
     assert late.status_code == 400 and late.json()["detail"]["code"] == "invalid_token"

@@ -6,7 +6,7 @@ Real server, real database, real argon2: the races are run, not simulated.
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 import anyio
 import anyio.lowlevel
@@ -16,7 +16,7 @@ from argon2.exceptions import VerificationError
 from prometheus_client import REGISTRY
 
 from innova_server.auth.passwords import Passwords
-from innova_server.auth.tokens import hash_token, new_token
+from innova_server.testing.accounts import plant_reset_token
 from innova_server.testing.server import wait_for
 
 PASSWORD = "correct horse battery"
@@ -25,24 +25,6 @@ NEW_PASSWORD = "tout nouveau mot de passe"
 
 def argon2_runs(op: str) -> float:
     return REGISTRY.get_sample_value("innova_argon2_operations_total", {"op": op}) or 0.0
-
-
-def plant_reset_token(db, email: str) -> str:
-    """A pending reset link for `email`, as `forgot` would have stored it."""
-    token = new_token()
-    user = db.users.find_one({"email": email})
-    now = datetime.now(UTC)
-    db.password_reset_tokens.insert_one(
-        {
-            "token_hash": hash_token(token),
-            "user_id": user["_id"],
-            "email": email,
-            "created_at": now,
-            "expires_at": now + timedelta(minutes=30),
-            "used": False,
-        }
-    )
-    return token
 
 
 def me_status(server, cookie: str) -> int:

@@ -148,6 +148,7 @@ class AuthManager:
         return NewSession(session.user, session.token, device)
 
     async def _reserve_login_failure(self, email: str, client: ClientInfo) -> list[Hit]:
+        """One failure reserved in the per-address and per-IP windows (a success gives them back)."""
         by_email = await self.limiter.consume(
             "login_email", limit_key("login:email", email), self.settings.rate_limit_login_email
         )
@@ -169,23 +170,14 @@ class AuthManager:
         (per address and per IP), so a stolen session cannot guess the password
         here faster than at /auth/login. Wrong: 403 `wrong_password`.
         """
-        by_email = await self.limiter.consume(
-            "login_email", limit_key("login:email", user.email), self.settings.rate_limit_login_email
-        )
-        try:
-            by_ip = await self.limiter.consume(
-                "login_ip", limit_key("login:ip", client.limit_ip), self.settings.rate_limit_login_ip
-            )
-        except AppError:
-            await self.limiter.refund(by_email)
-            raise
+        windows = await self._reserve_login_failure(user.email, client)
         checked = await self.passwords.verify(user.password_hash, password)
         if not checked.ok:
             metrics.LOGIN_FAILURES.inc()
             metrics.ACCOUNT_EVENTS.labels("wrong_password").inc()
             log.info("wrong current password user_id=%s", user.id)
             raise AppError(ErrorCode.WRONG_PASSWORD)
-        await self.limiter.refund(by_email, by_ip)
+        await self.limiter.refund(*windows)
 
     async def logout(self, token: str | None) -> None:
         if is_well_formed(token):

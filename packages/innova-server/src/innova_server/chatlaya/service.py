@@ -62,7 +62,7 @@ class ChatService:
         if active is not None:
             return active
         await self._consume_conversation_quota(user_id)
-        return await self.conversations.get_or_create_active(user_id)
+        return await self.conversations.create_active(user_id)
 
     async def create_conversation(self, user_id: str) -> ConversationRecord:
         await self._consume_conversation_quota(user_id)

@@ -131,8 +131,10 @@ class ConversationStore:
         the next call after archiving creates a fresh one.
         """
         found = await self.active(user_id)
-        if found is not None:
-            return found
+        return found if found is not None else await self.create_active(user_id)
+
+    async def create_active(self, user_id: str) -> ConversationRecord:
+        """The creating half of `get_or_create_active`, for a caller that already saw no active one."""
         key = {"session_key": user_id}
         doc = await write_then_confirm(
             self.collection, key, {"$setOnInsert": self._new_doc(ObjectId(user_id), utcnow())}, confirm=key, upsert=True
