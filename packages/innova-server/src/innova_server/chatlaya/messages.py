@@ -34,7 +34,6 @@ from innova_server.chatlaya.tree import Node
 from innova_server.db import Database, Document
 
 MessageStatus = Literal["streaming", "complete", "incomplete", "error"]
-FINAL_STATUSES = ("complete", "incomplete", "error")
 
 # Fields a reader never needs (and the stored text is not re-read by the writer).
 _HIDDEN = {"user_id": 0, "watched_at": 0}
@@ -362,4 +361,4 @@ class MessageStore:
         return MessageRecord.from_doc(doc) if doc else None
 
 
-__all__ = ["FINAL_STATUSES", "Checkpoint", "MessageRecord", "MessageStatus", "MessageStore"]
+__all__ = ["Checkpoint", "MessageRecord", "MessageStatus", "MessageStore"]

@@ -343,16 +343,8 @@ class StreamSlots:
         )
         return doc is not None
 
-    async def renew(self, slot: Slot, until: datetime | None = None) -> None:
-        """Extend the slot's lease, to `until` when given (a reply aligns it with its message's lease)."""
-        expires_at = until or utcnow() + self.lease
-        await self.collection.update_one(
-            {"_id": slot.key, "holders.id": slot.id},
-            {"$set": {"holders.$.expires_at": expires_at}, "$max": {"expires_at": expires_at}},
-        )
-
     async def renew_many(self, slots: list[Slot], until: datetime) -> None:
-        """`renew` for many slots in one round trip."""
+        """Extend the leases of `slots` to `until` (a reply's, so never past its message's lease), in one round trip."""
         if not slots:
             return
         await self.collection.bulk_write(

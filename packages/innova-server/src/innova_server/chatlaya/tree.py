@@ -63,9 +63,6 @@ class Tree:
             path.append(current)
         return path
 
-    def children(self, parent_id: str | None) -> list[str]:
-        return list(self._children.get(parent_id, ()))
-
 
 def path_through(branch: Sequence[str], message_id: str) -> list[str] | None:
     """Root→`message_id` from the current branch, when the message is on it (no round trip)."""
