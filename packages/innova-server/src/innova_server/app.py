@@ -73,6 +73,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await asyncio.wait_for(asyncio.shield(index_task), timeout=10)
         # Account deletions an earlier process left half done (see auth.erasure).
         services.tasks.spawn("pending_erasures", services.account.finish_pending())
+        services.health.start()
         log.info(
             "innova %s ready: env=%s provider=%s model=%s mailer=%s",
             __version__, settings.env, services.provider_entry.name, services.model, settings.mailer,
@@ -110,7 +111,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if settings.playground_enabled:
         app.include_router(playground.router)
 
-    # Added innermost first: requests pass Metrics → CORS → Legacy → CSRF → body cap.
+    # Added innermost first: requests pass Liveness → Metrics → CORS → Legacy → CSRF → body cap.
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(
         CSRFOriginMiddleware, allowed_origins=settings.allowed_origins, allow_same_origin=settings.playground_enabled
@@ -128,4 +129,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         max_age=600,
     )
     app.add_middleware(metrics.MetricsMiddleware)
+    # Outermost: liveness is answered before anything else runs (see health.py).
+    app.add_middleware(health.LivenessProbe)
     return app

@@ -115,6 +115,21 @@ class Database:
             appname="innova",
         )
         self.db: AsyncDatabase[Document] = self.client[name]
+        # Health pings go over their own connection: behind a burst, the
+        # application's pool has hundreds of operations waiting for a
+        # connection, and a ping queued behind them would report the queue,
+        # not the database (benchmarks/README.md, "A burst of streams").
+        # Not counted in innova_mongo_commands_total (round trips per request
+        # stay the application's); innova_mongo_ping_seconds counts them.
+        self.probe_client: AsyncMongoClient[Document] = AsyncMongoClient(
+            uri,
+            tz_aware=True,
+            maxPoolSize=1,
+            timeoutMS=timeout_ms,
+            serverSelectionTimeoutMS=timeout_ms,
+            connectTimeoutMS=timeout_ms,
+            appname="innova-health",
+        )
         self._shared_ping: asyncio.Task[bool] | None = None
 
     @property
@@ -185,7 +200,9 @@ class Database:
         try:
             async with asyncio.timeout(timeout):
                 with pymongo.timeout(timeout):
-                    await self.client.admin.command("ping", read_preference=ReadPreference.PRIMARY_PREFERRED)
+                    await self.probe_client.admin.command(
+                        "ping", read_preference=ReadPreference.PRIMARY_PREFERRED
+                    )
         except (PyMongoError, TimeoutError):
             return False
         finally:
@@ -208,6 +225,7 @@ class Database:
         return await asyncio.shield(task)
 
     async def close(self) -> None:
+        await self.probe_client.close()
         await self.client.close()
 
 

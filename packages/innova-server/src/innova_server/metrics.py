@@ -42,6 +42,9 @@ LEGACY_AUTH_HITS = Counter(
 MONGO_COMMANDS = Counter("innova_mongo_commands_total", "Commands sent to MongoDB (round trips)", ["command"])
 MONGO_COMMAND_FAILURES = Counter("innova_mongo_command_failures_total", "MongoDB commands that failed", ["command"])
 MONGO_PING_SECONDS = Histogram("innova_mongo_ping_seconds", "Health-check ping time")
+EVENT_LOOP_LAG = Gauge(
+    "innova_event_loop_lag_seconds", "How late the health monitor's last 1 s timer fired", multiprocess_mode="livemax"
+)
 MAIL_SENT = Counter("innova_mail_sent_total", "Mails handed to the mailer", ["kind"])
 MAIL_FAILURES = Counter("innova_mail_failures_total", "Mails the mailer failed to deliver", ["kind"])
 BACKGROUND_FAILURES = Counter(

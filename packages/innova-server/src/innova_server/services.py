@@ -15,12 +15,14 @@ from innova_server.auth.verification import VerificationManager
 from innova_server.background import BackgroundTasks
 from innova_server.chat import ChatProvider
 from innova_server.chatlaya.messages import MessageStore
+from innova_server.chatlaya.openings import Openings
 from innova_server.chatlaya.replies import Replies
 from innova_server.chatlaya.service import ChatService
 from innova_server.chatlaya.store import ConversationStore, StreamSlots
 from innova_server.chatlaya.turns import TurnRegistry, TurnTimings
 from innova_server.chatlaya.usage import UsageStore
 from innova_server.db import Database
+from innova_server.health import HealthMonitor
 from innova_server.mail import Mailer
 from innova_server.plugins import PluginRegistry, ProviderEntry
 from innova_server.ratelimit import RateLimiter
@@ -45,9 +47,12 @@ class Services:
     account: AccountManager
     verification: VerificationManager
     replies: Replies
+    openings: Openings
+    health: HealthMonitor
 
     async def aclose(self) -> None:
         try:
+            await self.health.aclose()
             await self.account.aclose()  # late sweeps of erased accounts (see auth.account)
             await self.tasks.drain()  # mails being sent get a grace period
             await self.turns.aclose()  # replies still running are stored (interrupted), their slots freed
@@ -80,6 +85,7 @@ def build_services(settings: Settings, plugins: PluginRegistry, mongo_uri: str) 
     chat = ChatService(
         settings, conversations, messages, limiter, usage, on_conversation_deleted=turns.stop_conversation
     )
+    openings = Openings(settings.chat_openings_per_worker)
     replies = Replies(
         settings,
         conversations,
@@ -89,6 +95,7 @@ def build_services(settings: Settings, plugins: PluginRegistry, mongo_uri: str) 
         turns,
         usage,
         tasks,
+        openings,
         provider_name=provider_entry.name,
         model=model,
         provider=provider,
@@ -110,4 +117,6 @@ def build_services(settings: Settings, plugins: PluginRegistry, mongo_uri: str) 
         account=account,
         verification=verification,
         replies=replies,
+        openings=openings,
+        health=HealthMonitor(db),
     )

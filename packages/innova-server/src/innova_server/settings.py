@@ -139,6 +139,9 @@ class Settings(PluginSettings):
     rate_limit_verify_user: Limit = RateLimit(5, 3600)
     rate_limit_conversations_user: Limit = RateLimit(100, 86400)
     chat_max_concurrent_streams: int = Field(3, ge=1)
+    # Turns one worker opens at once (their database rounds before the first
+    # token); the others wait their turn in order. Measured in benchmarks/README.md.
+    chat_openings_per_worker: int = Field(32, ge=1, le=1000)
 
     smtp_host: str | None = None
     smtp_port: int | None = Field(None, ge=1, le=65535)

@@ -27,7 +27,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Coroutine
-from typing import Any, TypeVar, cast
+from typing import Any, NamedTuple, TypeVar, cast
 
 from bson import ObjectId
 
@@ -38,6 +38,7 @@ from innova_server.chat import ChatProvider, ChatRequest, ProviderError
 from innova_server.chatlaya.branches import Branches, owned
 from innova_server.chatlaya.history import build_history, read_branch
 from innova_server.chatlaya.messages import MessageRecord, MessageStore
+from innova_server.chatlaya.openings import Openings
 from innova_server.chatlaya.store import ConversationRecord, ConversationStore, Slot, StreamSlots, make_title
 from innova_server.chatlaya.streams import InvalidEventId, LiveStream, StoredStream, parse_event_id
 from innova_server.chatlaya.titles import TitleWriter
@@ -73,6 +74,16 @@ def provider_app_error(error: ProviderError) -> AppError:
     return AppError(code, error.message, headers=headers)
 
 
+class _Opened(NamedTuple):
+    """A turn whose messages are written, before its provider starts."""
+
+    turn: Turn
+    conversation: ConversationRecord
+    branch_before: list[str]
+    branch: list[str]
+    first_message: str | None
+
+
 class Replies:
     def __init__(
         self,
@@ -84,6 +95,7 @@ class Replies:
         turns: TurnRegistry,
         usage: UsageStore,
         tasks: BackgroundTasks,
+        openings: Openings,
         *,
         provider_name: str,
         model: str,
@@ -98,6 +110,7 @@ class Replies:
         self.turns = turns
         self.usage = usage
         self.tasks = tasks
+        self.openings = openings
         self.provider_name = provider_name
         self.model = model
         self.provider = provider
@@ -120,42 +133,46 @@ class Replies:
         """A new user message and its reply: after the current branch's leaf, or (`edit_of`) as a
         sibling of that user message. See the module docstring for what happens before the stream."""
         message_id = str(ObjectId())
-        finding = (
-            self.conversations.get_or_create_active(user_id)
-            if conversation_id is None
-            else owned(self.conversations, user_id, conversation_id)
-        )
-        slot, conversation = await self._admit(user_id, message_id, finding)
-        try:
-            branch = await self.branches.current(conversation)
-            if edit_of is None:
-                parent_path = branch
-            else:
-                edited = await self.messages.in_conversation(conversation.id, edit_of)
-                if edited is None or edited.role != "user":
-                    raise AppError(ErrorCode.MESSAGE_NOT_FOUND)
-                parent_path = (await self.branches.path_to(conversation, branch, edited.id))[:-1]
-        except BaseException:
-            await self._release(slot)
-            raise
-        return await self._start_turn(user_id, conversation, branch, parent_path, content, message_id, slot)
+        async with self.openings.turn():
+            finding = (
+                self.conversations.get_or_create_active(user_id)
+                if conversation_id is None
+                else owned(self.conversations, user_id, conversation_id)
+            )
+            slot, conversation = await self._admit(user_id, message_id, finding)
+            try:
+                branch = await self.branches.current(conversation)
+                if edit_of is None:
+                    parent_path = branch
+                else:
+                    edited = await self.messages.in_conversation(conversation.id, edit_of)
+                    if edited is None or edited.role != "user":
+                        raise AppError(ErrorCode.MESSAGE_NOT_FOUND)
+                    parent_path = (await self.branches.path_to(conversation, branch, edited.id))[:-1]
+            except BaseException:
+                await self._release(slot)
+                raise
+            opened = await self._write_turn(user_id, conversation, branch, parent_path, content, message_id, slot)
+        return await self._launch(opened)
 
     async def regenerate(self, user_id: str, message_id: str) -> Turn:
         """Another reply to the user message that `message_id` (an assistant message) answers."""
         new_id = str(ObjectId())
-        slot, previous = await self._admit(user_id, new_id, self._answered_reply(user_id, message_id))
-        try:
-            conversation = await self.conversations.get(user_id, previous.conversation_id)
-            if conversation is None or previous.parent_id is None:
-                raise AppError(ErrorCode.MESSAGE_NOT_FOUND)
-            branch = await self.branches.current(conversation)
-            path = await self.branches.path_to(conversation, branch, previous.parent_id)
-            if not path:
-                raise AppError(ErrorCode.MESSAGE_NOT_FOUND)
-        except BaseException:
-            await self._release(slot)
-            raise
-        return await self._start_turn(user_id, conversation, branch, path, None, new_id, slot)
+        async with self.openings.turn():
+            slot, previous = await self._admit(user_id, new_id, self._answered_reply(user_id, message_id))
+            try:
+                conversation = await self.conversations.get(user_id, previous.conversation_id)
+                if conversation is None or previous.parent_id is None:
+                    raise AppError(ErrorCode.MESSAGE_NOT_FOUND)
+                branch = await self.branches.current(conversation)
+                path = await self.branches.path_to(conversation, branch, previous.parent_id)
+                if not path:
+                    raise AppError(ErrorCode.MESSAGE_NOT_FOUND)
+            except BaseException:
+                await self._release(slot)
+                raise
+            opened = await self._write_turn(user_id, conversation, branch, path, None, new_id, slot)
+        return await self._launch(opened)
 
     async def _answered_reply(self, user_id: str, message_id: str) -> MessageRecord:
         previous = await self.messages.assistant(user_id, message_id)
@@ -207,7 +224,7 @@ class Replies:
             metrics.RATE_LIMITED.labels("daily_tokens").inc()
             raise AppError(ErrorCode.QUOTA_EXCEEDED, headers={"Retry-After": str(seconds_to_utc_midnight())})
 
-    async def _start_turn(
+    async def _write_turn(
         self,
         user_id: str,
         conversation: ConversationRecord,
@@ -216,8 +233,8 @@ class Replies:
         content: str | None,
         message_id: str,
         slot: Slot,
-    ) -> Turn:
-        """History, messages and branch (together), then the provider's first chunk: the rest of the before.
+    ) -> _Opened:
+        """History, messages and branch, together: the last database round before the first chunk.
 
         `content` None is a regeneration: `parent_path` ends with the user
         message answered again, and no user message is added. The branch and
@@ -272,6 +289,13 @@ class Replies:
             new_user_message=content is not None,
         )
         turn = Turn(context, self.provider, request, self.messages, self.slots, self.timings, self.usage)
+        return _Opened(turn, conversation, branch_before, branch, first_message)
+
+    async def _launch(self, opened: _Opened) -> Turn:
+        """Start generating, and wait (bounded) for the provider's first chunk: outside `openings`,
+        so a slow provider does not hold back other turns' database rounds."""
+        turn, conversation, branch_before, branch, first_message = opened
+        settings = self.settings
         self.turns.start(turn)
         try:
             await turn.first_item(settings.chat_ping_seconds)
