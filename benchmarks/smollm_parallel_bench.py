@@ -26,7 +26,11 @@ same question on both; a round's ratio is N's mean stream rate over 1's,
 and the figure is the median of the rounds' ratios (every round printed).
 A neighbour's load that drifts over seconds hits both sides of a round
 alike, which the minutes between the two servers' turns in the other
-measures cannot promise.
+measures cannot promise. Finer still, without HTTP, in a separate process:
+both providers (`SmolLMProvider`, PARALLEL=1 and N) stream the same question
+and are stepped alternately, token by token, so every token of one has a
+neighbour of the other computed under the same load; per round, the ratio
+of their median time per token, and whether their greedy texts match.
 
 And the physical anchor: llama.cpp's own batched decode in a plain loop in a
 separate process (llama-cpp-python's low-level calls, no server, no
@@ -313,6 +317,66 @@ def single_stream_ab(clients: dict[str, list[Any]], rounds: int, one: str, many:
     return results
 
 
+# -- providers in one process, token-interleaved -----------------------------------------
+
+
+def run_provider_ab(args: argparse.Namespace) -> dict[str, Any]:
+    """In its own process: a PARALLEL=1 and a PARALLEL=N provider, one stream each, stepped token by token."""
+    import asyncio
+
+    from innova_provider_smollm.model import LlamaOptions
+    from innova_provider_smollm.provider import SmolLMProvider
+    from innova_server.chat import ChatChunk, ChatMessage, ChatRequest
+
+    def request(number: int) -> ChatRequest:
+        messages = [ChatMessage("system", SYSTEM), ChatMessage("user", f"({number}) {PROMPT}")]
+        return ChatRequest(messages=messages, model="tiny", max_tokens=args.max_tokens, temperature=0.0)
+
+    async def main() -> dict[str, Any]:
+        one = SmolLMProvider(args.model, LlamaOptions(n_ctx=args.n_ctx, n_threads=args.threads, parallel=1))
+        many = SmolLMProvider(
+            args.model, LlamaOptions(n_ctx=args.n_ctx, n_threads=args.threads, parallel=args.parallel)
+        )
+        rounds = []
+        try:
+            for number in range(1, args.ab_rounds + 1):
+                streams = [one.stream(request(number)), many.stream(request(number))]
+                seconds: list[list[float]] = [[], []]
+                texts = ["", ""]
+                live = [True, True]
+                for side in (0, 1):  # the first token (the prompt) is not timed
+                    texts[side] += (await anext(streams[side])).text
+                step = 0
+                while any(live):
+                    for side in (0, 1) if step % 2 == 0 else (1, 0):  # who goes first alternates too
+                        if not live[side]:
+                            continue
+                        started = time.perf_counter()
+                        chunk: ChatChunk | None = await anext(streams[side], None)
+                        seconds[side].append(time.perf_counter() - started)
+                        if chunk is None or chunk.finish_reason:
+                            live[side] = False
+                        if chunk is not None:
+                            texts[side] += chunk.text
+                    step += 1
+                for stream in streams:
+                    await stream.aclose()  # type: ignore[attr-defined]
+                per_token = [statistics.median(values) for values in seconds]
+                rounds.append({
+                    "ms_per_token_parallel_1": per_token[0] * 1000,
+                    f"ms_per_token_parallel_{args.parallel}": per_token[1] * 1000,
+                    "ratio": per_token[0] / per_token[1],
+                    "tokens": [len(values) for values in seconds],
+                    "same_text": texts[0] == texts[1],
+                })  # fmt: skip
+        finally:
+            await one.aclose()
+            await many.aclose()
+        return {"rounds": rounds, "ratio": statistics.median(r["ratio"] for r in rounds)}
+
+    return asyncio.run(main())
+
+
 # -- llama.cpp alone: the ceiling ----------------------------------------------------
 
 
@@ -382,14 +446,28 @@ def main() -> int:
     parser.add_argument("--n-ctx", type=int, default=2048)
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--out", type=Path, default=RESULTS / "smollm_parallel.json")
-    parser.add_argument("--ceiling", action="store_true", help=argparse.SUPPRESS)  # the child process
+    parser.add_argument("--ceiling", action="store_true", help=argparse.SUPPRESS)  # the child processes
+    parser.add_argument("--provider-ab", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.model = (args.model or tiny_model()).resolve()
     if args.ceiling:
         print(json.dumps(run_ceiling(args)))
         return 0
-    child = [sys.executable, __file__, "--ceiling", *sys.argv[1:], "--model", str(args.model)]
-    ceiling = json.loads(subprocess.run(child, check=True, capture_output=True, text=True).stdout)
+    if args.provider_ab:
+        print(json.dumps(run_provider_ab(args)))
+        return 0
+    child = [sys.executable, __file__, *sys.argv[1:], "--model", str(args.model)]
+    ceiling = json.loads(subprocess.run([*child, "--ceiling"], check=True, capture_output=True, text=True).stdout)
+    provider_ab = json.loads(
+        subprocess.run([*child, "--provider-ab"], check=True, capture_output=True, text=True).stdout
+    )
+    for index, result in enumerate(provider_ab["rounds"], 1):
+        print(
+            f"provider A/B round {index}: ms/token parallel_1 {result['ms_per_token_parallel_1']:.2f}, "
+            f"parallel_{args.parallel} {result[f'ms_per_token_parallel_{args.parallel}']:.2f}, "
+            f"speed ratio {result['ratio']:.3f}, same greedy text: {result['same_text']}",
+            flush=True,
+        )
     settings = {"parallel_1": 1, f"parallel_{args.parallel}": args.parallel}
     rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in settings}
     one_name, many_name = "parallel_1", f"parallel_{args.parallel}"
@@ -432,6 +510,9 @@ def main() -> int:
         "single_stream_vs_parallel_1": statistics.median(ab_ratios),
         "single_stream_vs_parallel_1_rounds": ab_ratios,
         "single_stream_vs_parallel_1_rounds_at_or_above_0_95": sum(1 for r in ab_ratios if r >= 0.95),
+        "single_stream_vs_parallel_1_in_process": provider_ab["ratio"],
+        "single_stream_vs_parallel_1_in_process_rounds": [r["ratio"] for r in provider_ab["rounds"]],
+        "single_stream_same_greedy_text": all(r["same_text"] for r in provider_ab["rounds"]),
         "single_stream_vs_parallel_1_measure_rounds": many["alone_stream_tokens_per_s"]
         / one["alone_stream_tokens_per_s"],
         "rss_peak_4_vs_1_mb": [many["rss_peak_mb_4"], many["rss_peak_mb_1"]],
@@ -439,6 +520,7 @@ def main() -> int:
     }
     results: dict[str, Any] = {
         "goals": goals, "summary": summary, "llama_cpp_ceiling": ceiling, "rounds": rounds, "single_stream_ab": ab,
+        "single_stream_provider_ab": provider_ab,
     }  # fmt: skip
     results["meta"] = {
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -482,6 +564,9 @@ def print_table(goals: dict[str, Any], summary: dict[str, Any], ceiling: dict[st
          f"median of {len(goals['single_stream_vs_parallel_1_rounds'])} A/B rounds: "
          + " ".join(f"{r:.2f}" for r in goals["single_stream_vs_parallel_1_rounds"])
          + f"; {many['ab_alone_stream_tokens_per_s']:.1f} / {one['ab_alone_stream_tokens_per_s']:.1f} tok/s"),
+        ("  same, in one process, token-interleaved", f"{goals['single_stream_vs_parallel_1_in_process']:.2f}", "",
+         "per round: " + " ".join(f"{r:.2f}" for r in goals["single_stream_vs_parallel_1_in_process_rounds"])
+         + f"; same greedy text: {goals['single_stream_same_greedy_text']}"),
         ("  same, from the measure rounds", f"{goals['single_stream_vs_parallel_1_measure_rounds']:.2f}", "",
          f"{many['alone_stream_tokens_per_s']:.1f} / {one['alone_stream_tokens_per_s']:.1f} (minutes apart)"),
         ("peak RSS, 4 in flight / 1", f"{many['rss_peak_mb_4']:.0f} / {many['rss_peak_mb_1']:.0f} MB", "report",
