@@ -15,6 +15,7 @@ from typing import Any
 from bson import ObjectId
 from pymongo.errors import DuplicateKeyError
 
+from innova_server.batching import LookupBatcher
 from innova_server.db import Database, Document, write_then_confirm
 
 
@@ -175,6 +176,8 @@ class UserStore:
 class SessionStore:
     def __init__(self, db: Database) -> None:
         self.collection = db.sessions
+        # At most 100 per query: the reply's first batch (101 documents) holds them all.
+        self._lookups: LookupBatcher[str, UserRecord] = LookupBatcher(self._users_for, max_batch=100)
 
     async def create(
         self, token_hash: str, user_id: str, *, auth_epoch: int, ttl: timedelta, ip: str, user_agent: str | None
@@ -197,32 +200,38 @@ class SessionStore:
     async def user_for(self, token_hash: str) -> UserRecord | None:
         """The live session's user, in one round trip (`$lookup`), or None.
 
-        Expiry is checked here too: MongoDB's TTL monitor only runs once a minute.
-        So is the auth epoch: a session opened before the user's last password
-        reset (a login that raced the reset) is dead even if it was not deleted.
-        And an account being deleted, or disabled, has no valid session at all.
+        Expiry is checked in the query: MongoDB's TTL monitor only runs once a
+        minute. So is the auth epoch: a session opened before the user's last
+        password reset (a login that raced the reset) is dead even if it was
+        not deleted. And an account being deleted, or disabled, has no valid
+        session at all. Lookups made together share their round trip
+        (`innova_server.batching`): not a cache, each is a query sent after it
+        was asked for.
         """
+        return await self._lookups.load(token_hash)
+
+    async def _users_for(self, token_hashes: list[str]) -> dict[str, UserRecord]:
         # Only the stages that need the server run there: the checks on the
         # joined user are plain comparisons, and SecantusDB spent ~40 % of the
         # lookup's time running them as $unwind/$match/$replaceRoot stages
-        # (benchmarks/README.md, "GET /auth/me"). Still one round trip.
+        # (benchmarks/README.md, "GET /auth/me").
         pipeline: list[dict[str, Any]] = [
-            {"$match": {"token_hash": token_hash, "expires_at": {"$gt": utcnow()}}},
-            {"$limit": 1},
+            {"$match": {"token_hash": {"$in": token_hashes}, "expires_at": {"$gt": utcnow()}}},
             {"$lookup": {"from": "users", "localField": "user_id", "foreignField": "_id", "as": "user"}},
         ]
+        found: dict[str, UserRecord] = {}
         cursor = await self.collection.aggregate(pipeline)
         async for session in cursor:
             users = session.get("user") or []
             if not users:
-                return None
+                continue
             user = users[0]
             if user.get("deleting_at") is not None or user.get("disabled_at") is not None:
-                return None
+                continue
             if (session.get("auth_epoch") or 0) != (user.get("auth_epoch") or 0):
-                return None
-            return UserRecord.from_doc(user)
-        return None
+                continue
+            found[session["token_hash"]] = UserRecord.from_doc(user)
+        return found
 
     async def delete(self, token_hash: str) -> None:
         await self.collection.delete_one({"token_hash": token_hash})

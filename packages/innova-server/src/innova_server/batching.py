@@ -1,0 +1,80 @@
+"""Lookups made in the same turn of the event loop share one database round trip.
+
+Under load the database pays a fixed cost per command that is larger than the
+cost of the document it returns (SecantusDB: about three quarters of a
+session lookup's time is per-command bookkeeping; MongoDB: a network round
+trip and a lock each). When fifty requests look up fifty sessions at once,
+one query for the fifty costs the database a fraction of fifty queries.
+
+This is not a cache: every lookup is answered by a query sent after the
+lookup was asked for, so a revoked session is refused by the next request
+exactly as without batching. A request alone waits for nothing: its batch is
+sent on the next iteration of the loop, microseconds later.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Hashable
+from typing import Generic, TypeVar
+
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+
+class LookupBatcher(Generic[K, V]):
+    """`load(key)` calls made in one loop iteration become one `fetch(keys)`.
+
+    `fetch` returns what it found by key; a key it does not return loads as
+    None. Its failure is every waiting caller's failure. A caller that leaves
+    (cancelled) does not cancel the fetch others wait on.
+    """
+
+    def __init__(self, fetch: Callable[[list[K]], Awaitable[dict[K, V]]], *, max_batch: int = 100) -> None:
+        self._fetch = fetch
+        self._max_batch = max_batch
+        self._pending: dict[K, list[asyncio.Future[V | None]]] = {}
+        self._scheduled = False
+        self._running: set[asyncio.Task[None]] = set()
+
+    async def load(self, key: K) -> V | None:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[V | None] = loop.create_future()
+        self._pending.setdefault(key, []).append(future)
+        if not self._scheduled:
+            self._scheduled = True
+            loop.call_soon(self._dispatch)
+        return await future
+
+    def _dispatch(self) -> None:
+        self._scheduled = False
+        pending, self._pending = self._pending, {}
+        keys = list(pending)
+        for start in range(0, len(keys), self._max_batch):
+            chunk = {key: pending[key] for key in keys[start : start + self._max_batch]}
+            task = asyncio.ensure_future(self._run(chunk))
+            self._running.add(task)  # held: a task nobody references may be collected mid-way
+            task.add_done_callback(self._running.discard)
+
+    async def _run(self, waiters: dict[K, list[asyncio.Future[V | None]]]) -> None:
+        try:
+            found = await self._fetch(list(waiters))
+        except Exception as error:
+            for futures in waiters.values():
+                for future in futures:
+                    if not future.done():
+                        future.set_exception(error)
+            return
+        except BaseException:  # cancelled (shutting down): so are the callers
+            for futures in waiters.values():
+                for future in futures:
+                    future.cancel()
+            raise
+        for key, futures in waiters.items():
+            value = found.get(key)
+            for future in futures:
+                if not future.done():
+                    future.set_result(value)
+
+
+__all__ = ["LookupBatcher"]
