@@ -6,6 +6,10 @@ session lookup's time is per-command bookkeeping; MongoDB: a network round
 trip and a lock each). When fifty requests look up fifty sessions at once,
 one query for the fifty costs the database a fraction of fifty queries.
 
+Writes whose caller needs no more than "done" (a reply's end, a stream slot
+given back, a day's usage counted, a turn's two messages inserted) are
+batched the same way into one unordered `bulk_write` (`WriteBatcher`).
+
 This is not a cache: every lookup is answered by a query sent after the
 lookup was asked for, so a revoked session is refused by the next request
 exactly as without batching. A request alone waits for nothing: its batch is
@@ -16,7 +20,11 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Hashable
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
+
+from pymongo import InsertOne, UpdateOne
+from pymongo.asynchronous.collection import AsyncCollection
+from pymongo.errors import BulkWriteError, DuplicateKeyError, WriteError
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
@@ -77,4 +85,67 @@ class LookupBatcher(Generic[K, V]):
                     future.set_result(value)
 
 
-__all__ = ["LookupBatcher"]
+WriteOp = InsertOne[Any] | UpdateOne
+
+
+class WriteBatcher:
+    """Writes to one collection asked in one loop iteration go as one unordered `bulk_write`.
+
+    For writes whose caller needs to know only that the write was done (or
+    why not): `write(op)` returns when the batch holding it was acknowledged,
+    and raises that operation's own error (`DuplicateKeyError` for a
+    duplicate key, `WriteError` otherwise), or the batch's if the whole batch
+    failed. Unordered: one operation's failure does not stop the others.
+    """
+
+    def __init__(self, collection: AsyncCollection[Any], *, max_batch: int = 500) -> None:
+        self._collection = collection
+        self._max_batch = max_batch
+        self._pending: list[tuple[WriteOp, asyncio.Future[None]]] = []
+        self._scheduled = False
+        self._running: set[asyncio.Task[None]] = set()
+
+    async def write(self, op: WriteOp) -> None:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        self._pending.append((op, future))
+        if not self._scheduled:
+            self._scheduled = True
+            loop.call_soon(self._dispatch)
+        await future
+
+    def _dispatch(self) -> None:
+        self._scheduled = False
+        pending, self._pending = self._pending, []
+        for start in range(0, len(pending), self._max_batch):
+            task = asyncio.ensure_future(self._run(pending[start : start + self._max_batch]))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    async def _run(self, batch: list[tuple[WriteOp, asyncio.Future[None]]]) -> None:
+        failed: dict[int, Exception] = {}
+        try:
+            await self._collection.bulk_write([op for op, _ in batch], ordered=False)
+        except BulkWriteError as error:
+            for item in error.details.get("writeErrors", []):
+                kind = DuplicateKeyError if item.get("code") == 11000 else WriteError
+                failed[item["index"]] = kind(item.get("errmsg", "write error"), item.get("code"), item)
+        except Exception as error:
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(error)
+            return
+        except BaseException:
+            for _, future in batch:
+                future.cancel()
+            raise
+        for index, (_, future) in enumerate(batch):
+            if future.done():
+                continue
+            if index in failed:
+                future.set_exception(failed[index])
+            else:
+                future.set_result(None)
+
+
+__all__ = ["LookupBatcher", "WriteBatcher"]

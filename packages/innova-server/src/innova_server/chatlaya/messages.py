@@ -27,9 +27,10 @@ from datetime import datetime, timedelta
 from typing import Any, Literal
 
 from bson import ObjectId
-from pymongo import ASCENDING, ReturnDocument, UpdateOne
+from pymongo import ASCENDING, InsertOne, ReturnDocument, UpdateOne
 
 from innova_server.auth.store import object_id, utcnow
+from innova_server.batching import LookupBatcher, WriteBatcher
 from innova_server.chatlaya.tree import Node
 from innova_server.db import Database, Document
 
@@ -103,6 +104,10 @@ class Checkpoint:
 class MessageStore:
     def __init__(self, db: Database) -> None:
         self.collection = db.messages
+        # Under load, turns opening and ending together share their round
+        # trips (innova_server.batching); a turn alone waits for nothing.
+        self._writes = WriteBatcher(self.collection)
+        self._by_id: LookupBatcher[str, MessageRecord] = LookupBatcher(self._fetch, max_batch=100)
 
     # -- a turn's two messages --------------------------------------------
 
@@ -164,7 +169,11 @@ class MessageStore:
                 "lease_expires_at": utcnow() + lease,
             }
         )
-        await self.collection.insert_many(docs, ordered=True)
+        # Both in the same batch; the caller deletes both when either failed.
+        written = await asyncio.gather(*(self._writes.write(InsertOne(doc)) for doc in docs), return_exceptions=True)
+        failure = next((outcome for outcome in written if isinstance(outcome, BaseException)), None)
+        if failure is not None:
+            raise failure
         return str(reply_parent)
 
     async def checkpoint_many(self, contents: dict[str, str | None], *, until: datetime) -> dict[str, Checkpoint]:
@@ -199,23 +208,24 @@ class MessageStore:
         finish_reason: str,
         usage: dict[str, int] | None,
         error: dict[str, Any] | None,
-    ) -> bool:
-        """The reply's end, written once; False when it was no longer `streaming` (deleted, or declared dead)."""
-        result = await self.collection.update_one(
-            {"_id": ObjectId(message_id), "status": "streaming"},
-            {
-                "$set": {
-                    "status": status,
-                    "content": content,
-                    "finish_reason": finish_reason,
-                    "usage": usage,
-                    "error": error,
-                    "finished_at": utcnow(),
+    ) -> None:
+        """The reply's end, written once: only if it is still `streaming` (not deleted, nor declared dead)."""
+        await self._writes.write(
+            UpdateOne(
+                {"_id": ObjectId(message_id), "status": "streaming"},
+                {
+                    "$set": {
+                        "status": status,
+                        "content": content,
+                        "finish_reason": finish_reason,
+                        "usage": usage,
+                        "error": error,
+                        "finished_at": utcnow(),
+                    },
+                    "$unset": {"lease_expires_at": "", "stop_requested": ""},
                 },
-                "$unset": {"lease_expires_at": "", "stop_requested": ""},
-            },
+            )
         )
-        return result.matched_count == 1
 
     async def delete_turn(self, *message_ids: str) -> None:
         await self.collection.delete_many({"_id": {"$in": [ObjectId(m) for m in message_ids]}})
@@ -319,8 +329,15 @@ class MessageStore:
         return [str(doc["_id"]) for doc in docs]
 
     async def by_ids(self, message_ids: list[str]) -> dict[str, MessageRecord]:
-        if not message_ids:
+        """The messages of `message_ids` that exist (history reads of turns opening together share a query)."""
+        # A malformed id names no message (and must not fail the batch it shares).
+        wanted = [m for m in message_ids if object_id(m) is not None]
+        if not wanted:
             return {}
+        found = await asyncio.gather(*(self._by_id.load(m) for m in wanted))
+        return {m: record for m, record in zip(wanted, found, strict=True) if record is not None}
+
+    async def _fetch(self, message_ids: list[str]) -> dict[str, MessageRecord]:
         docs = await self.collection.find(
             {"_id": {"$in": [ObjectId(m) for m in message_ids]}}, projection=_HIDDEN
         ).to_list()

@@ -22,6 +22,7 @@ from bson import ObjectId
 from pymongo import DESCENDING, ReturnDocument, UpdateOne
 
 from innova_server.auth.store import object_id, utcnow
+from innova_server.batching import WriteBatcher
 from innova_server.db import Database, Document, write_then_confirm
 
 # -- records -----------------------------------------------------------------
@@ -306,6 +307,7 @@ class StreamSlots:
     def __init__(self, db: Database, *, lease: timedelta) -> None:
         self.collection = db.stream_slots
         self.lease = lease
+        self._writes = WriteBatcher(self.collection)  # slots given back together share a round trip
 
     async def acquire(self, key: str, capacity: int, slot_id: str | None = None) -> Slot | None:
         """A slot of `key` (named `slot_id`, e.g. the reply's message id), or None when all are held."""
@@ -359,7 +361,7 @@ class StreamSlots:
         )
 
     async def release(self, slot: Slot) -> None:
-        await self.collection.update_one({"_id": slot.key}, {"$pull": {"holders": {"id": slot.id}}})
+        await self._writes.write(UpdateOne({"_id": slot.key}, {"$pull": {"holders": {"id": slot.id}}}))
 
     async def held(self, key: str) -> int:
         doc = await self.collection.find_one({"_id": key, "holders": {"$exists": True}})

@@ -407,15 +407,14 @@ class Turn:
     async def _record(self, ending: Ending) -> bool:
         """Write the end; False (logged without the content) when the database failed."""
         try:
-            if not await self._messages.finish(
+            await self._messages.finish(
                 self.message_id,
                 status=ending.status,
                 content=self.text(),
                 finish_reason=ending.finish_reason,
                 usage=ending.usage,
                 error=ending.error,
-            ):
-                log.info("reply %s was no longer streaming at its end (deleted or interrupted)", self.message_id)
+            )
         except Exception:
             log.exception("could not store the assistant message %s", self.message_id)
             return False

@@ -12,9 +12,11 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from bson import ObjectId
+from pymongo import UpdateOne
 from pymongo.errors import DuplicateKeyError
 
 from innova_server.auth.store import utcnow
+from innova_server.batching import WriteBatcher
 from innova_server.db import Database
 
 # Kept a while beyond the day, for an operator's look back (TTL on `expires_at`).
@@ -50,6 +52,7 @@ class DailyUsage:
 class UsageStore:
     def __init__(self, db: Database) -> None:
         self.collection = db.usage_daily
+        self._writes = WriteBatcher(self.collection)  # replies ending together share a round trip
 
     async def add(
         self, user_id: str, *, prompt_tokens: int, completion_tokens: int, now: datetime | None = None
@@ -62,7 +65,7 @@ class UsageStore:
             "$setOnInsert": {"user_id": ObjectId(user_id), "day": day, "expires_at": now + RETENTION},
         }
         try:
-            await self.collection.update_one(key, update, upsert=True)
+            await self._writes.write(UpdateOne(key, update, upsert=True))
         except DuplicateKeyError:  # two first replies of the day at once: the document exists now
             await self.collection.update_one(key, {"$inc": update["$inc"]})
 
