@@ -58,10 +58,10 @@ def _have(tool: str) -> bool:
     )
 
 
-def ensure_system_tools(session: nox.Session) -> None:
-    """apt-get install what the tests need (SYSTEM_TOOLS), when missing and allowed (root,
-    or password-less sudo as on CI runners). Otherwise those tests skip, saying why."""
-    missing = sorted({package for tool, package in SYSTEM_TOOLS.items() if not _have(tool)})
+def ensure_system_tools(session: nox.Session, tools: dict[str, str] = SYSTEM_TOOLS) -> None:
+    """apt-get install what the tests need (`tools`: command → Debian package), when missing and
+    allowed (root, or password-less sudo as on CI runners). Otherwise those tests skip, saying why."""
+    missing = sorted({package for tool, package in tools.items() if not _have(tool)})
     if not missing:
         return
     if not shutil.which("apt-get"):
@@ -141,11 +141,15 @@ def serve(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """Benchmarks; figures go to benchmarks/results/ and stdout."""
+    """Benchmarks; figures go to benchmarks/results/*.json, and one table to stdout (and summary.json)."""
     install_workspace(session, "embedded", "production")
     session.install(*PINS, "httpx>=0.27", "httpx-sse>=0.4", "psutil>=5.9")
+    ensure_system_tools(session, {"hey": "hey"})  # the load generator of me_bench (a Go binary)
+    session.run("python", "benchmarks/me_bench.py")
     session.run("python", "benchmarks/http_bench.py")
     session.run("python", "benchmarks/chat_bench.py")
+    session.run("python", "benchmarks/burst_bench.py")
+    session.run("python", "benchmarks/summary.py")
 
 
 @nox.session

@@ -2,7 +2,8 @@
 
 What a load balancer and a front end see when a host gets a burst: every
 stream is a `POST /chatlaya/message` sent at the same instant (30 words, one
-every ECHO_DELAY_MS=100 ms, so each stays open ~3 s), while `/health` (the
+every ECHO_DELAY_MS=100 ms, so each stays open ~3 s) by returning users (each
+has sent one message before: the burst does not create their conversations), while `/health` (the
 readiness probe) and `/health/live` (liveness) are polled every 50 ms.
 
 Reports: streams completed and errors, when the last one opened (its `start`
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -101,6 +103,12 @@ async def probe(url: str, path: str, stop: asyncio.Event, out: list[float], fail
             await asyncio.sleep(0.05)
 
 
+def commands_by_name(url: str) -> dict[str, float]:
+    text = httpx.get(f"{url}/metrics").text
+    pattern = r'^innova_mongo_commands_total\{command="([^"]+)"\} (\S+)$'
+    return {name: float(count) for name, count in re.findall(pattern, text, re.M)}
+
+
 def probe_summary(latencies: list[float], failures: list[str]) -> dict[str, Any]:
     return {
         "probes": len(latencies),
@@ -115,6 +123,10 @@ async def burst(url: str, port: int, server_pid: int, streams: int, users: int) 
     worker = psutil.Process(server_pid)
     cookies = [register(url, f"burst{i}@example.com")["innova_session"] for i in range(users)]
     body = json.dumps({"content": words(30)}).encode()
+    # Returning users: each has had a conversation (its first message, which
+    # creates it, is the sign-up's event, not the burst's).
+    warm = json.dumps({"content": words(1)}).encode()
+    await asyncio.gather(*(raw_stream(port, cookie, warm, time.perf_counter()) for cookie in cookies))
     rss_idle = worker.memory_info().rss
     stop = asyncio.Event()
     ready: list[float] = []
@@ -136,6 +148,7 @@ async def burst(url: str, port: int, server_pid: int, streams: int, users: int) 
             await asyncio.sleep(0.1)
 
     watcher = asyncio.create_task(watch_rss())
+    commands_before = commands_by_name(url)
     cpu_before = worker.cpu_times()
     fired = time.perf_counter()
     results = await asyncio.gather(*(raw_stream(port, cookies[i % users], body, fired) for i in range(streams)))
@@ -143,6 +156,11 @@ async def burst(url: str, port: int, server_pid: int, streams: int, users: int) 
     cpu_after = worker.cpu_times()
     stop.set()
     await asyncio.gather(*probes, watcher)
+    commands = {
+        name: int(count - commands_before.get(name, 0))
+        for name, count in commands_by_name(url).items()
+        if count > commands_before.get(name, 0)
+    }
     opened = [r.opened for r in results if r.opened is not None]
     errors = [r.error for r in results if r.error]
     result = {
@@ -158,6 +176,8 @@ async def burst(url: str, port: int, server_pid: int, streams: int, users: int) 
         "rss_peak_mb": round(peak_rss / 2**20, 1),
         "rss_growth_mb": round((peak_rss - rss_idle) / 2**20, 1),
         "server_cpu_s": round(sum(cpu_after[:2]) - sum(cpu_before[:2]), 2),
+        "mongo_commands": commands,
+        "mongo_commands_per_stream": round(sum(commands.values()) / streams, 2),
         "health_ready": probe_summary(ready, ready_failures),
         "health_live": probe_summary(live, live_failures),
     }
@@ -165,7 +185,8 @@ async def burst(url: str, port: int, server_pid: int, streams: int, users: int) 
         f"burst of {streams} streams: completed {result['completed']}, errors {result['errors']}, all opened within "
         f"{result['all_opened_within_s']} s (p50 {result['opened_p50_s']} s), RSS +{result['rss_growth_mb']} MB; "
         f"/health p99 {result['health_ready']['p99_ms']} ms ({result['health_ready']['failures']} failures), "
-        f"/health/live p99 {result['health_live']['p99_ms']} ms"
+        f"/health/live p99 {result['health_live']['p99_ms']} ms; {result['mongo_commands_per_stream']} MongoDB commands"
+        f" per stream {commands}"
     )
     return result
 

@@ -17,8 +17,14 @@ RESULTS = Path(__file__).parent / "results"
 PASSWORD = "correct horse battery"
 
 
-def start_server(mongo_uri: str, port: int, db_name: str, **env: str) -> subprocess.Popen[bytes]:
-    """One uvicorn worker serving `innova_server.asgi:app`, with limits out of the way."""
+def start_server(
+    mongo_uri: str, port: int, db_name: str, *, uvicorn_args: tuple[str, ...] = (), **env: str
+) -> subprocess.Popen[bytes]:
+    """One uvicorn worker serving `innova_server.asgi:app`, with limits out of the way.
+
+    uvicorn picks uvloop and httptools when they are installed (the
+    `production` extra), as gunicorn's uvicorn workers do; `uvicorn_args`
+    (e.g. `--loop asyncio --http h11`) override that."""
     environment = {
         **os.environ,
         "ENV": "development",
@@ -36,7 +42,7 @@ def start_server(mongo_uri: str, port: int, db_name: str, **env: str) -> subproc
     command = [
         sys.executable, "-m", "uvicorn", "innova_server.asgi:app",
         "--host", "127.0.0.1", "--port", str(port),
-        "--no-access-log", "--log-level", "warning", "--backlog", "2048",
+        "--no-access-log", "--log-level", "warning", "--backlog", "2048", *uvicorn_args,
     ]
     return subprocess.Popen(command, env=environment)
 
