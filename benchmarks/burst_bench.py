@@ -63,7 +63,9 @@ async def raw_stream(port: int, cookie: str, body: bytes, fired: float) -> Strea
         )
         status = await asyncio.wait_for(reader.readline(), 120)
         if b" 200 " not in status:
-            result.error = status.decode(errors="replace").strip()
+            head = await asyncio.wait_for(reader.read(2048), 5)
+            body = head.split(b"\r\n\r\n", 1)[-1][:200]
+            result.error = f"{status.decode(errors='replace').strip()} {body.decode(errors='replace')}"
             return result
         buffer = b""
         while True:

@@ -14,6 +14,8 @@ import math
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
+from pymongo.errors import DuplicateKeyError
+
 from innova_server import metrics
 from innova_server.db import Database, write_then_confirm
 from innova_server.errors import AppError, ErrorCode
@@ -57,6 +59,34 @@ class RateLimiter:
         count = int(doc["count"]) if doc else amount
         retry_after = max(1, math.ceil((expires_at - now).total_seconds()))
         return Hit(key, window_start, count, retry_after)
+
+    async def take(self, name: str, key: str, limit: RateLimit) -> None:
+        """Count one event if the window has room; else 429 `rate_limited` (with `Retry-After`).
+
+        For hot paths (a chat turn): one conditional `update_one`, whose
+        answer is "applied or not", where `consume` needs the count back (a
+        `findAndModify`, which SecantusDB serves by scanning the collection).
+        A refused event is not counted: the window stays at its limit.
+        """
+        now = _now()
+        start_epoch = math.floor(now.timestamp() / limit.seconds) * limit.seconds
+        window_start = datetime.fromtimestamp(start_epoch, UTC)
+        expires_at = window_start + timedelta(seconds=limit.seconds)
+        query = {"key": key, "window_start": window_start, "count": {"$lt": limit.count}}
+        update = {"$inc": {"count": 1}, "$setOnInsert": {"expires_at": expires_at}}
+        collection = self.db.rate_limits
+        try:
+            result = await collection.update_one(query, update, upsert=True)
+            taken = result.matched_count == 1 or result.upserted_id is not None
+        except DuplicateKeyError:
+            # The window exists and is full (the upsert tried to create it
+            # again), or two first events raced to create it: ask again
+            # without creating.
+            taken = (await collection.update_one(query, update)).matched_count == 1
+        if not taken:
+            metrics.RATE_LIMITED.labels(name).inc()
+            retry_after = max(1, math.ceil((expires_at - now).total_seconds()))
+            raise AppError(ErrorCode.RATE_LIMITED, headers={"Retry-After": str(retry_after)})
 
     async def consume(self, name: str, key: str, limit: RateLimit) -> Hit:
         """Count one event; raise 429 `rate_limited` (with `Retry-After`) past the limit."""

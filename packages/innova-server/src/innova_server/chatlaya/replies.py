@@ -214,10 +214,10 @@ class Replies:
         """The per-minute message limit, and the daily token quota (read together: one round trip of wait)."""
         limit = self.settings.chat_daily_tokens_user
         if limit is None:
-            await self.limiter.consume("chat", limit_key("chat", user_id), self.settings.rate_limit_chat_user)
+            await self.limiter.take("chat", limit_key("chat", user_id), self.settings.rate_limit_chat_user)
             return
         _, today = await asyncio.gather(
-            self.limiter.consume("chat", limit_key("chat", user_id), self.settings.rate_limit_chat_user),
+            self.limiter.take("chat", limit_key("chat", user_id), self.settings.rate_limit_chat_user),
             self.usage.today(user_id),
         )
         if today.tokens >= limit:

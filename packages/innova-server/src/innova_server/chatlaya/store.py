@@ -20,6 +20,7 @@ from typing import Any
 
 from bson import ObjectId
 from pymongo import DESCENDING, ReturnDocument, UpdateOne
+from pymongo.errors import DuplicateKeyError
 
 from innova_server.auth.store import object_id, utcnow
 from innova_server.batching import WriteBatcher
@@ -324,26 +325,24 @@ class StreamSlots:
         return None
 
     async def _try_push(self, slot: Slot, capacity: int) -> bool:
-        """One conditional `$push`; True when this slot is now held.
+        """One conditional `$push` (an `update_one`: its answer is "applied or not"); True when held.
 
-        The first stream of a key upserts its document. Two simultaneous first
-        streams both miss the filter (no document yet) and both insert: the
-        loser gets DuplicateKeyError although the array is nearly empty. So a
-        DuplicateKeyError is no answer; the same update is retried without
-        upsert, and only a miss of *that* means the array is full.
+        The first stream of a key upserts its document. When the array is
+        full the filter misses and the upsert tries to create the document
+        again: DuplicateKeyError. Two simultaneous first streams also both
+        miss (no document yet) and both insert, and the loser gets the same
+        error although the array is nearly empty. So a DuplicateKeyError is
+        no answer; the same update is retried without upsert, and only a miss
+        of *that* means the array is full.
         """
         expires_at = utcnow() + self.lease
         query = {"_id": slot.key, f"holders.{capacity - 1}": {"$exists": False}}
         update = {"$push": {"holders": {"id": slot.id, "expires_at": expires_at}}, "$max": {"expires_at": expires_at}}
-        doc = await write_then_confirm(
-            self.collection,
-            query,
-            update,
-            confirm={"_id": slot.key, "holders.id": slot.id},
-            upsert=True,
-            projection={"_id": 1},
-        )
-        return doc is not None
+        try:
+            result = await self.collection.update_one(query, update, upsert=True)
+            return result.matched_count == 1 or result.upserted_id is not None
+        except DuplicateKeyError:
+            return (await self.collection.update_one(query, update)).matched_count == 1
 
     async def renew_many(self, slots: list[Slot], until: datetime) -> None:
         """Extend the leases of `slots` to `until` (a reply's, so never past its message's lease), in one round trip."""
