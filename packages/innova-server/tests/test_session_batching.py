@@ -145,3 +145,20 @@ async def test_a_failed_fetch_fails_every_waiting_caller_and_the_next_batch_retr
     assert await asyncio.gather(*(batcher.load(k) for k in ("x", "yy", "zzz"))) == [1, 2, 3]
     assert attempts == 3
 
+
+
+async def test_a_batcher_whose_loop_stopped_before_its_dispatch_still_serves_the_next_loop():
+    """A dispatch due on a loop that stopped (a test client's loop per request) never runs:
+    the next lookup, on another loop, must not wait on it forever."""
+
+    async def fetch(keys: list[str]) -> dict[str, str]:
+        return {k: k.upper() for k in keys}
+
+    batcher: LookupBatcher[str, str] = LookupBatcher(fetch)
+    stale = asyncio.new_event_loop()
+    try:
+        batcher._scheduled = stale  # as `load` leaves it on a loop that stops before its dispatch
+        batcher._pending = {"lost": [stale.create_future()]}
+        assert await asyncio.wait_for(batcher.load("a"), 5) == "A"
+    finally:
+        stale.close()

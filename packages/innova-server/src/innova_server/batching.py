@@ -42,20 +42,24 @@ class LookupBatcher(Generic[K, V]):
         self._fetch = fetch
         self._max_batch = max_batch
         self._pending: dict[K, list[asyncio.Future[V | None]]] = {}
-        self._scheduled = False
+        self._scheduled: asyncio.AbstractEventLoop | None = None  # the loop a dispatch is due on
         self._running: set[asyncio.Task[None]] = set()
 
     async def load(self, key: K) -> V | None:
         loop = asyncio.get_running_loop()
+        if self._scheduled is not loop:
+            if self._scheduled is not None:
+                # A loop that stopped before its dispatch ran (a test client's
+                # loop per request, say): what waited there waits no more.
+                self._pending = {}
+            self._scheduled = loop
+            loop.call_soon(self._dispatch)
         future: asyncio.Future[V | None] = loop.create_future()
         self._pending.setdefault(key, []).append(future)
-        if not self._scheduled:
-            self._scheduled = True
-            loop.call_soon(self._dispatch)
         return await future
 
     def _dispatch(self) -> None:
-        self._scheduled = False
+        self._scheduled = None
         pending, self._pending = self._pending, {}
         keys = list(pending)
         for start in range(0, len(keys), self._max_batch):
@@ -102,20 +106,22 @@ class WriteBatcher:
         self._collection = collection
         self._max_batch = max_batch
         self._pending: list[tuple[WriteOp, asyncio.Future[None]]] = []
-        self._scheduled = False
+        self._scheduled: asyncio.AbstractEventLoop | None = None  # as in LookupBatcher
         self._running: set[asyncio.Task[None]] = set()
 
     async def write(self, op: WriteOp) -> None:
         loop = asyncio.get_running_loop()
+        if self._scheduled is not loop:
+            if self._scheduled is not None:
+                self._pending = []
+            self._scheduled = loop
+            loop.call_soon(self._dispatch)
         future: asyncio.Future[None] = loop.create_future()
         self._pending.append((op, future))
-        if not self._scheduled:
-            self._scheduled = True
-            loop.call_soon(self._dispatch)
         await future
 
     def _dispatch(self) -> None:
-        self._scheduled = False
+        self._scheduled = None
         pending, self._pending = self._pending, []
         for start in range(0, len(pending), self._max_batch):
             task = asyncio.ensure_future(self._run(pending[start : start + self._max_batch]))
@@ -127,6 +133,9 @@ class WriteBatcher:
         try:
             await self._collection.bulk_write([op for op, _ in batch], ordered=False)
         except BulkWriteError as error:
+            if error.details.get("writeConcernErrors"):
+                # Not acknowledged as asked: none of them is known to be durable.
+                failed = dict.fromkeys(range(len(batch)), error)
             for item in error.details.get("writeErrors", []):
                 kind = DuplicateKeyError if item.get("code") == 11000 else WriteError
                 failed[item["index"]] = kind(item.get("errmsg", "write error"), item.get("code"), item)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 from typing import TYPE_CHECKING
 
 from fastapi import APIRouter, Request
@@ -37,6 +38,7 @@ from innova_server import __version__, metrics
 if TYPE_CHECKING:
     from innova_server.db import Database
 
+log = logging.getLogger("innova")
 router = APIRouter(tags=["operations"])
 
 LIVE_PATH = "/health/live"
@@ -74,7 +76,10 @@ class HealthMonitor:
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            await self._ping()
+            try:
+                await self._ping()
+            except Exception:  # `ping` never raises; if it did, readiness goes stale (503), not silent
+                log.exception("health monitor: ping failed unexpectedly")
             before = loop.time()
             await asyncio.sleep(self.interval)
             self.loop_lag = max(0.0, loop.time() - before - self.interval)
