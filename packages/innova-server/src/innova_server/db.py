@@ -212,11 +212,11 @@ class Database:
     async def shared_ping(self, timeout: float = 2.0) -> bool:  # noqa: ASYNC109 - a budget, not a cancel scope
         """`ping`, with concurrent callers sharing the one in flight.
 
-        For `/health`: a load balancer, the deploy workflow and monitoring may
-        poll it at once, and under load fifty health checks need not be fifty
-        round trips. Each answer is still a ping that started after the
-        previous one ended (at most `timeout` old), and a caller leaving does
-        not cancel the ping others wait on.
+        For the health monitor (`innova_server.health`) and a worker's first
+        `/health` checks, which may come at once before the monitor has an
+        answer: they need not be as many round trips. Each answer is still a
+        ping that started after the previous one ended, and a caller leaving
+        does not cancel the ping others wait on.
         """
         task = self._shared_ping
         if task is None or task.done():
