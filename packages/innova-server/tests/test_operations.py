@@ -172,3 +172,14 @@ def test_an_unparsable_forwarded_hop_is_not_the_loopback_proxy(server, forwarded
     assert response.json()["detail"]["code"] == "forbidden"
     # What nginx would send for a loopback client still passes.
     assert httpx.get(f"{server.url}/metrics", headers={"X-Forwarded-For": "127.0.0.1"}).status_code == 200
+
+
+async def test_readiness_without_the_lifespan_pings_on_demand_instead_of_going_stale(make_settings):
+    """An app served without its lifespan has no monitor: each check pings, never a stale 503."""
+    app = create_app(make_settings())
+    transport = httpx.ASGITransport(app=app)  # runs no lifespan
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        assert (await client.get("/health")).status_code == 200
+        await asyncio.sleep(health.STALE_AFTER + 0.5)
+        assert (await client.get("/health")).status_code == 200
+    await app.state.services.db.close()

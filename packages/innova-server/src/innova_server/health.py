@@ -94,8 +94,9 @@ class HealthMonitor:
 
     async def ready(self) -> bool:
         """Did the database answer this worker's last ping, at most `stale_after` seconds ago?"""
-        if self._answered_at is None:
-            # Nothing answered yet (starting, or never reached): ask now.
+        if self._answered_at is None or self._task is None or self._task.done():
+            # Nothing answered yet (starting, or never reached), or no monitor
+            # running (an app served without its lifespan): ask now.
             return await self._ping()
         age = asyncio.get_running_loop().time() - self._answered_at
         return self._last_ok and age <= self.stale_after
