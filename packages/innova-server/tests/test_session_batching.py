@@ -158,7 +158,7 @@ async def test_a_batcher_whose_loop_stopped_before_its_dispatch_still_serves_the
     stale = asyncio.new_event_loop()
     try:
         batcher._scheduled = stale  # as `load` leaves it on a loop that stops before its dispatch
-        batcher._pending = {"lost": [stale.create_future()]}
+        batcher._pending = [("lost", stale.create_future())]
         assert await asyncio.wait_for(batcher.load("a"), 5) == "A"
     finally:
         stale.close()

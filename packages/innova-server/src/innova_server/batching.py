@@ -28,71 +28,88 @@ from pymongo.errors import BulkWriteError, DuplicateKeyError, WriteError
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
+T = TypeVar("T")  # what a caller submits
+R = TypeVar("R")  # what it gets back
 
 
-class LookupBatcher(Generic[K, V]):
-    """`load(key)` calls made in one loop iteration become one `fetch(keys)`.
+class _Batcher(Generic[T, R]):
+    """What both batchers share: items submitted in one loop iteration are run together.
 
-    `fetch` returns what it found by key; a key it does not return loads as
-    None. Its failure is every waiting caller's failure. A caller that leaves
-    (cancelled) does not cancel the fetch others wait on.
+    `_run(items)` answers each item, in order, with its result or its own
+    error. Its failure is every waiting caller's failure. A caller that
+    leaves (cancelled) does not cancel the batch others wait on.
     """
 
-    def __init__(self, fetch: Callable[[list[K]], Awaitable[dict[K, V]]], *, max_batch: int = 100) -> None:
-        self._fetch = fetch
+    def __init__(self, max_batch: int) -> None:
         self._max_batch = max_batch
-        self._pending: dict[K, list[asyncio.Future[V | None]]] = {}
+        self._pending: list[tuple[T, asyncio.Future[R]]] = []
         self._scheduled: asyncio.AbstractEventLoop | None = None  # the loop a dispatch is due on
         self._running: set[asyncio.Task[None]] = set()
 
-    async def load(self, key: K) -> V | None:
+    async def _submit(self, item: T) -> R:
         loop = asyncio.get_running_loop()
         if self._scheduled is not loop:
             if self._scheduled is not None:
                 # A loop that stopped before its dispatch ran (a test client's
                 # loop per request, say): what waited there waits no more.
-                self._pending = {}
+                self._pending = []
             self._scheduled = loop
             loop.call_soon(self._dispatch)
-        future: asyncio.Future[V | None] = loop.create_future()
-        self._pending.setdefault(key, []).append(future)
+        future: asyncio.Future[R] = loop.create_future()
+        self._pending.append((item, future))
         return await future
 
     def _dispatch(self) -> None:
         self._scheduled = None
-        pending, self._pending = self._pending, {}
-        keys = list(pending)
-        for start in range(0, len(keys), self._max_batch):
-            chunk = {key: pending[key] for key in keys[start : start + self._max_batch]}
-            task = asyncio.ensure_future(self._run(chunk))
+        pending, self._pending = self._pending, []
+        for start in range(0, len(pending), self._max_batch):
+            task = asyncio.ensure_future(self._settle(pending[start : start + self._max_batch]))
             self._running.add(task)  # held: a task nobody references may be collected mid-way
             task.add_done_callback(self._running.discard)
 
-    async def _run(self, waiters: dict[K, list[asyncio.Future[V | None]]]) -> None:
+    async def _settle(self, batch: list[tuple[T, asyncio.Future[R]]]) -> None:
         try:
-            found = await self._fetch(list(waiters))
+            outcomes = await self._run([item for item, _ in batch])
         except Exception as error:
-            for futures in waiters.values():
-                for future in futures:
-                    if not future.done():
-                        future.set_exception(error)
-            return
+            outcomes = [error] * len(batch)
         except BaseException:  # cancelled (shutting down): so are the callers
-            for futures in waiters.values():
-                for future in futures:
-                    future.cancel()
+            for _, future in batch:
+                future.cancel()
             raise
-        for key, futures in waiters.items():
-            value = found.get(key)
-            for future in futures:
-                if not future.done():
-                    future.set_result(value)
+        for (_, future), outcome in zip(batch, outcomes, strict=True):
+            if future.done():
+                continue
+            if isinstance(outcome, Exception):
+                future.set_exception(outcome)
+            else:
+                future.set_result(outcome)
+
+    async def _run(self, items: list[T]) -> list[R | Exception]:
+        raise NotImplementedError
+
+
+class LookupBatcher(_Batcher[K, V | None]):
+    """`load(key)` calls made in one loop iteration become one `fetch(keys)` (each key once).
+
+    `fetch` returns what it found by key; a key it does not return loads as None.
+    """
+
+    def __init__(self, fetch: Callable[[list[K]], Awaitable[dict[K, V]]], *, max_batch: int = 100) -> None:
+        super().__init__(max_batch)
+        self._fetch = fetch
+
+    async def load(self, key: K) -> V | None:
+        return await self._submit(key)
+
+    async def _run(self, keys: list[K]) -> list[V | Exception | None]:
+        found = await self._fetch(list(dict.fromkeys(keys)))
+        return [found.get(key) for key in keys]
 
 
 WriteOp = InsertOne[Any] | UpdateOne
 
 
-class WriteBatcher:
+class WriteBatcher(_Batcher[WriteOp, None]):
     """Writes to one collection asked in one loop iteration go as one unordered `bulk_write`.
 
     For writes whose caller needs to know only that the write was done (or
@@ -103,58 +120,24 @@ class WriteBatcher:
     """
 
     def __init__(self, collection: AsyncCollection[Any], *, max_batch: int = 500) -> None:
+        super().__init__(max_batch)
         self._collection = collection
-        self._max_batch = max_batch
-        self._pending: list[tuple[WriteOp, asyncio.Future[None]]] = []
-        self._scheduled: asyncio.AbstractEventLoop | None = None  # as in LookupBatcher
-        self._running: set[asyncio.Task[None]] = set()
 
     async def write(self, op: WriteOp) -> None:
-        loop = asyncio.get_running_loop()
-        if self._scheduled is not loop:
-            if self._scheduled is not None:
-                self._pending = []
-            self._scheduled = loop
-            loop.call_soon(self._dispatch)
-        future: asyncio.Future[None] = loop.create_future()
-        self._pending.append((op, future))
-        await future
+        await self._submit(op)
 
-    def _dispatch(self) -> None:
-        self._scheduled = None
-        pending, self._pending = self._pending, []
-        for start in range(0, len(pending), self._max_batch):
-            task = asyncio.ensure_future(self._run(pending[start : start + self._max_batch]))
-            self._running.add(task)
-            task.add_done_callback(self._running.discard)
-
-    async def _run(self, batch: list[tuple[WriteOp, asyncio.Future[None]]]) -> None:
+    async def _run(self, ops: list[WriteOp]) -> list[Exception | None]:
         failed: dict[int, Exception] = {}
         try:
-            await self._collection.bulk_write([op for op, _ in batch], ordered=False)
+            await self._collection.bulk_write(ops, ordered=False)
         except BulkWriteError as error:
             if error.details.get("writeConcernErrors"):
                 # Not acknowledged as asked: none of them is known to be durable.
-                failed = dict.fromkeys(range(len(batch)), error)
+                failed = dict.fromkeys(range(len(ops)), error)
             for item in error.details.get("writeErrors", []):
                 kind = DuplicateKeyError if item.get("code") == 11000 else WriteError
                 failed[item["index"]] = kind(item.get("errmsg", "write error"), item.get("code"), item)
-        except Exception as error:
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(error)
-            return
-        except BaseException:
-            for _, future in batch:
-                future.cancel()
-            raise
-        for index, (_, future) in enumerate(batch):
-            if future.done():
-                continue
-            if index in failed:
-                future.set_exception(failed[index])
-            else:
-                future.set_result(None)
+        return [failed.get(index) for index in range(len(ops))]
 
 
 __all__ = ["LookupBatcher", "WriteBatcher"]

@@ -229,6 +229,25 @@ class Database:
         await self.client.close()
 
 
+async def update_if(collection: AsyncCollection[Document], query: Document, update: Document) -> bool:
+    """`update_one(query, update, upsert=True)` for a conditional write: True when it applied.
+
+    An `update_one`, not a `findAndModify`, for writes whose answer is only
+    "applied or not" (a rate-limit window with room, a free stream slot):
+    SecantusDB serves every `findAndModify` by scanning the collection.
+    When the condition misses on an existing document, the upsert tries to
+    create it again and gets DuplicateKeyError; two first writers racing to
+    create it get the same. So a DuplicateKeyError is no answer: the same
+    update is sent again without upsert, and only a miss of *that* means the
+    condition does not hold.
+    """
+    try:
+        result = await collection.update_one(query, update, upsert=True)
+        return result.matched_count == 1 or result.upserted_id is not None
+    except DuplicateKeyError:
+        return (await collection.update_one(query, update)).matched_count == 1
+
+
 async def write_then_confirm(
     collection: AsyncCollection[Document],
     query: Document,

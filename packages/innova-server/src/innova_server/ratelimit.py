@@ -14,10 +14,8 @@ import math
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from pymongo.errors import DuplicateKeyError
-
 from innova_server import metrics
-from innova_server.db import Database, write_then_confirm
+from innova_server.db import Database, update_if, write_then_confirm
 from innova_server.errors import AppError, ErrorCode
 from innova_server.settings import RateLimit
 
@@ -42,51 +40,50 @@ def _now() -> datetime:
     return now.replace(microsecond=now.microsecond // 1000 * 1000)
 
 
+@dataclass(frozen=True)
+class _Window:
+    """The fixed window `limit` is counting in now."""
+
+    start: datetime
+    expires_at: datetime
+    retry_after: int  # seconds until it ends, at least 1
+
+    @classmethod
+    def now(cls, limit: RateLimit) -> _Window:
+        now = _now()
+        start = datetime.fromtimestamp(math.floor(now.timestamp() / limit.seconds) * limit.seconds, UTC)
+        expires_at = start + timedelta(seconds=limit.seconds)
+        return cls(start, expires_at, max(1, math.ceil((expires_at - now).total_seconds())))
+
+
 class RateLimiter:
     def __init__(self, db: Database) -> None:
         self.db = db
 
     async def hit(self, key: str, limit: RateLimit, *, amount: int = 1) -> Hit:
         """Add `amount` to the current window's counter and return the new count."""
-        now = _now()
-        start_epoch = math.floor(now.timestamp() / limit.seconds) * limit.seconds
-        window_start = datetime.fromtimestamp(start_epoch, UTC)
-        expires_at = window_start + timedelta(seconds=limit.seconds)
-        query = {"key": key, "window_start": window_start}
-        update = {"$inc": {"count": amount}, "$setOnInsert": {"expires_at": expires_at}}
+        window = _Window.now(limit)
+        query = {"key": key, "window_start": window.start}
+        update = {"$inc": {"count": amount}, "$setOnInsert": {"expires_at": window.expires_at}}
         # Confirmed by the window's own key: the count read back includes this hit.
         doc = await write_then_confirm(self.db.rate_limits, query, update, confirm=query, upsert=True)
         count = int(doc["count"]) if doc else amount
-        retry_after = max(1, math.ceil((expires_at - now).total_seconds()))
-        return Hit(key, window_start, count, retry_after)
+        return Hit(key, window.start, count, window.retry_after)
 
     async def take(self, name: str, key: str, limit: RateLimit) -> None:
         """Count one event if the window has room; else 429 `rate_limited` (with `Retry-After`).
 
-        For hot paths (a chat turn): one conditional `update_one`, whose
-        answer is "applied or not", where `consume` needs the count back (a
-        `findAndModify`, which SecantusDB serves by scanning the collection).
-        A refused event is not counted: the window stays at its limit.
+        For hot paths (a chat turn): one conditional `update_one` (`update_if`),
+        whose answer is "applied or not", where `consume` needs the count back
+        (a `findAndModify`). A refused event is not counted: the window stays
+        at its limit.
         """
-        now = _now()
-        start_epoch = math.floor(now.timestamp() / limit.seconds) * limit.seconds
-        window_start = datetime.fromtimestamp(start_epoch, UTC)
-        expires_at = window_start + timedelta(seconds=limit.seconds)
-        query = {"key": key, "window_start": window_start, "count": {"$lt": limit.count}}
-        update = {"$inc": {"count": 1}, "$setOnInsert": {"expires_at": expires_at}}
-        collection = self.db.rate_limits
-        try:
-            result = await collection.update_one(query, update, upsert=True)
-            taken = result.matched_count == 1 or result.upserted_id is not None
-        except DuplicateKeyError:
-            # The window exists and is full (the upsert tried to create it
-            # again), or two first events raced to create it: ask again
-            # without creating.
-            taken = (await collection.update_one(query, update)).matched_count == 1
-        if not taken:
+        window = _Window.now(limit)
+        query = {"key": key, "window_start": window.start, "count": {"$lt": limit.count}}
+        update = {"$inc": {"count": 1}, "$setOnInsert": {"expires_at": window.expires_at}}
+        if not await update_if(self.db.rate_limits, query, update):
             metrics.RATE_LIMITED.labels(name).inc()
-            retry_after = max(1, math.ceil((expires_at - now).total_seconds()))
-            raise AppError(ErrorCode.RATE_LIMITED, headers={"Retry-After": str(retry_after)})
+            raise AppError(ErrorCode.RATE_LIMITED, headers={"Retry-After": str(window.retry_after)})
 
     async def consume(self, name: str, key: str, limit: RateLimit) -> Hit:
         """Count one event; raise 429 `rate_limited` (with `Retry-After`) past the limit."""

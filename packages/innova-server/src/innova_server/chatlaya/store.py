@@ -20,11 +20,10 @@ from typing import Any
 
 from bson import ObjectId
 from pymongo import DESCENDING, ReturnDocument, UpdateOne
-from pymongo.errors import DuplicateKeyError
 
 from innova_server.auth.store import object_id, utcnow
 from innova_server.batching import WriteBatcher
-from innova_server.db import Database, Document, write_then_confirm
+from innova_server.db import Database, Document, update_if, write_then_confirm
 
 # -- records -----------------------------------------------------------------
 
@@ -325,24 +324,11 @@ class StreamSlots:
         return None
 
     async def _try_push(self, slot: Slot, capacity: int) -> bool:
-        """One conditional `$push` (an `update_one`: its answer is "applied or not"); True when held.
-
-        The first stream of a key upserts its document. When the array is
-        full the filter misses and the upsert tries to create the document
-        again: DuplicateKeyError. Two simultaneous first streams also both
-        miss (no document yet) and both insert, and the loser gets the same
-        error although the array is nearly empty. So a DuplicateKeyError is
-        no answer; the same update is retried without upsert, and only a miss
-        of *that* means the array is full.
-        """
+        """One conditional `$push` (`update_if`: the first stream of a key creates its document); True when held."""
         expires_at = utcnow() + self.lease
         query = {"_id": slot.key, f"holders.{capacity - 1}": {"$exists": False}}
         update = {"$push": {"holders": {"id": slot.id, "expires_at": expires_at}}, "$max": {"expires_at": expires_at}}
-        try:
-            result = await self.collection.update_one(query, update, upsert=True)
-            return result.matched_count == 1 or result.upserted_id is not None
-        except DuplicateKeyError:
-            return (await self.collection.update_one(query, update)).matched_count == 1
+        return await update_if(self.collection, query, update)
 
     async def renew_many(self, slots: list[Slot], until: datetime) -> None:
         """Extend the leases of `slots` to `until` (a reply's, so never past its message's lease), in one round trip."""
