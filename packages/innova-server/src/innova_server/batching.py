@@ -6,9 +6,10 @@ session lookup's time is per-command bookkeeping; MongoDB: a network round
 trip and a lock each). When fifty requests look up fifty sessions at once,
 one query for the fifty costs the database a fraction of fifty queries.
 
-Writes whose caller needs no more than "done" (a reply's end, a stream slot
-given back, a day's usage counted, a turn's two messages inserted) are
-batched the same way into one unordered `bulk_write` (`WriteBatcher`).
+Writes whose caller needs no more than "done" or a match count (a reply's
+end, its stream slot given back, a day's usage counted; a turn's two messages
+inserted and its conversation's branch moved) are batched the same way, across
+collections, into one unordered `bulkWrite` (`WriteBatcher`).
 
 This is not a cache: every lookup is answered by a query sent after the
 lookup was asked for, so a revoked session is refused by the next request
@@ -19,12 +20,22 @@ sent on the next iteration of the loop, microseconds later.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Hashable
+import logging
+from collections.abc import Awaitable, Callable, Hashable, Mapping
 from typing import Any, Generic, TypeVar
 
-from pymongo import InsertOne, UpdateOne
-from pymongo.asynchronous.collection import AsyncCollection
-from pymongo.errors import BulkWriteError, DuplicateKeyError, WriteError
+from pymongo import AsyncMongoClient, InsertOne, UpdateOne
+from pymongo.errors import (
+    BulkWriteError,
+    ClientBulkWriteException,
+    DuplicateKeyError,
+    InvalidOperation,
+    OperationFailure,
+    WriteError,
+)
+from pymongo.results import ClientBulkWriteResult
+
+log = logging.getLogger("innova.db")
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
@@ -109,35 +120,133 @@ class LookupBatcher(_Batcher[K, V | None]):
 WriteOp = InsertOne[Any] | UpdateOne
 
 
-class WriteBatcher(_Batcher[WriteOp, None]):
-    """Writes to one collection asked in one loop iteration go as one unordered `bulk_write`.
+class _Unsupported(Exception):
+    """The server has no cross-collection `bulkWrite` (MongoDB before 8.0): nothing was written."""
+
+
+class WriteBatcher(_Batcher[tuple[WriteOp, bool], int]):
+    """Writes asked in one loop iteration, to any of the database's collections, go as one command.
 
     For writes whose caller needs to know only that the write was done (or
-    why not): `write(op)` returns when the batch holding it was acknowledged,
-    and raises that operation's own error (`DuplicateKeyError` for a
-    duplicate key, `WriteError` otherwise), or the batch's if the whole batch
-    failed. Unordered: one operation's failure does not stop the others.
+    why not), or how many documents it matched: a turn's two messages and
+    its conversation's new branch; a reply's end, its stream slot given back
+    and the day's usage. `write(op)` returns when the batch holding it was
+    acknowledged, and raises that operation's own error (`DuplicateKeyError`
+    for a duplicate key, `WriteError` otherwise), or the batch's if the whole
+    batch failed. Unordered: one operation's failure does not stop the others.
+    Every operation names its collection (`namespace=collection.full_name`).
+
+    On MongoDB 8.0 and later (and SecantusDB) the batch is one client-level
+    `bulkWrite` command, whatever collections it touches. Older servers have
+    no such command: the first attempt says so without writing anything, and
+    from then on each collection's operations go as one `bulk_write`, the
+    collections' commands sent concurrently (the same waiting, more commands).
     """
 
-    def __init__(self, collection: AsyncCollection[Any], *, max_batch: int = 500) -> None:
+    def __init__(self, client: AsyncMongoClient[Any], *, max_batch: int = 500) -> None:
         super().__init__(max_batch)
-        self._collection = collection
+        self._client = client
+        self.combined: bool | None = None  # None: not tried yet
 
     async def write(self, op: WriteOp) -> None:
-        await self._submit(op)
+        """Do `op` with the other writes of this loop iteration."""
+        await self._submit((_named(op), False))
 
-    async def _run(self, ops: list[WriteOp]) -> list[Exception | None]:
+    async def matched(self, op: WriteOp) -> int:
+        """Do `op` (an update) with the others; how many documents it matched (an upsert that inserted: 1)."""
+        return await self._submit((_named(op), True))
+
+    async def _run(self, items: list[tuple[WriteOp, bool]]) -> list[int | Exception]:
+        ops = [op for op, _ in items]
+        if self.combined is not False:
+            try:
+                outcomes = await self._run_combined(ops)
+            except _Unsupported:
+                log.warning("MongoDB before 8.0: writes are batched per collection (docs/architecture.md)")
+                self.combined = False
+            else:
+                self.combined = True
+                return outcomes
+        return await self._run_per_collection(items)
+
+    async def _run_combined(self, ops: list[WriteOp]) -> list[int | Exception]:
+        results: ClientBulkWriteResult | None
         failed: dict[int, Exception] = {}
         try:
-            await self._collection.bulk_write(ops, ordered=False)
-        except BulkWriteError as error:
-            if error.details.get("writeConcernErrors"):
+            results = await self._client.bulk_write(ops, ordered=False, verbose_results=True)
+        except InvalidOperation as error:  # checked before sending: the server is older than 8.0
+            raise _Unsupported from error
+        except ClientBulkWriteException as error:
+            top = error.error
+            if isinstance(top, InvalidOperation) or (
+                self.combined is None and isinstance(top, OperationFailure) and not error.details.get("anySuccessful")
+            ):
+                raise _Unsupported from error
+            if top is not None:
+                raise top if isinstance(top, Exception) else error from None
+            if error.write_concern_errors:
                 # Not acknowledged as asked: none of them is known to be durable.
-                failed = dict.fromkeys(range(len(ops)), error)
-            for item in error.details.get("writeErrors", []):
-                kind = DuplicateKeyError if item.get("code") == 11000 else WriteError
-                failed[item["index"]] = kind(item.get("errmsg", "write error"), item.get("code"), item)
-        return [failed.get(index) for index in range(len(ops))]
+                return [error] * len(ops)
+            failed = {item["idx"]: _write_error(item) for item in error.details.get("writeErrors") or []}
+            results = error.partial_result
+        except OperationFailure as error:
+            if self.combined is None:  # the command itself is unknown (or not enabled) there
+                raise _Unsupported from error
+            raise
+        updates = results.update_results if results is not None else {}
+        outcomes: list[int | Exception] = []
+        for index, op in enumerate(ops):
+            if index in failed:
+                outcomes.append(failed[index])
+            elif isinstance(op, UpdateOne):
+                update = updates.get(index)
+                outcomes.append(0 if update is None else update.matched_count or int(update.upserted_id is not None))
+            else:
+                outcomes.append(1)
+        return outcomes
+
+    async def _run_per_collection(self, items: list[tuple[WriteOp, bool]]) -> list[int | Exception]:
+        """One `bulk_write` per collection, concurrently; an op whose match count is asked for goes alone
+        (a collection's `bulk_write` reports counts for the whole batch only)."""
+        groups: dict[tuple[str, int], list[int]] = {}
+        for index, (op, counted) in enumerate(items):
+            groups.setdefault((_named(op)._namespace or "", index if counted else -1), []).append(index)
+        outcomes: list[int | Exception] = [0] * len(items)
+
+        async def run(namespace: str, indexes: list[int]) -> None:
+            database, _, collection = namespace.partition(".")
+            ops = [items[index][0] for index in indexes]
+            try:
+                result = await self._client[database][collection].bulk_write(ops, ordered=False)
+            except BulkWriteError as error:
+                if error.details.get("writeConcernErrors"):
+                    for index in indexes:
+                        outcomes[index] = error
+                    return
+                for item in error.details.get("writeErrors", []):
+                    outcomes[indexes[item["index"]]] = _write_error(item)
+                return
+            except Exception as error:
+                for index in indexes:
+                    outcomes[index] = error
+                return
+            for index in indexes:
+                outcomes[index] = result.matched_count + result.upserted_count if len(indexes) == 1 else 1
+
+        await asyncio.gather(*(run(namespace, indexes) for (namespace, _), indexes in groups.items()))
+        return outcomes
+
+
+def _named(op: WriteOp) -> WriteOp:
+    # PyMongo keeps the namespace private; it is what a client-level bulkWrite sends.
+    if not op._namespace:
+        raise ValueError("a batched write names its collection: namespace=collection.full_name")
+    return op
+
+
+def _write_error(item: Mapping[str, Any]) -> Exception:
+    kind = DuplicateKeyError if item.get("code") == 11000 else WriteError
+    return kind(item.get("errmsg", "write error"), item.get("code"), dict(item))
 
 
 __all__ = ["LookupBatcher", "WriteBatcher"]

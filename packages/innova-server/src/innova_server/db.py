@@ -20,6 +20,7 @@ from pymongo.errors import DuplicateKeyError, PyMongoError
 from pymongo.monitoring import CommandFailedEvent, CommandListener, CommandStartedEvent, CommandSucceededEvent
 
 from innova_server import metrics
+from innova_server.batching import WriteBatcher
 
 Document = dict[str, Any]
 
@@ -131,6 +132,8 @@ class Database:
             appname="innova-health",
         )
         self._shared_ping: asyncio.Task[bool] | None = None
+        # Writes of one loop iteration, to any collection, share one command (`batching`).
+        self.writes = WriteBatcher(self.client)
 
     @property
     def users(self) -> AsyncCollection[Document]:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from innova_server import metrics
-from innova_server.db import Database, update_if, write_then_confirm
+from innova_server.db import Database, write_then_confirm
 from innova_server.errors import AppError, ErrorCode
 from innova_server.settings import RateLimit
 
@@ -69,21 +69,6 @@ class RateLimiter:
         doc = await write_then_confirm(self.db.rate_limits, query, update, confirm=query, upsert=True)
         count = int(doc["count"]) if doc else amount
         return Hit(key, window.start, count, window.retry_after)
-
-    async def take(self, name: str, key: str, limit: RateLimit) -> None:
-        """Count one event if the window has room; else 429 `rate_limited` (with `Retry-After`).
-
-        For hot paths (a chat turn): one conditional `update_one` (`update_if`),
-        whose answer is "applied or not", where `consume` needs the count back
-        (a `findAndModify`). A refused event is not counted: the window stays
-        at its limit.
-        """
-        window = _Window.now(limit)
-        query = {"key": key, "window_start": window.start, "count": {"$lt": limit.count}}
-        update = {"$inc": {"count": 1}, "$setOnInsert": {"expires_at": window.expires_at}}
-        if not await update_if(self.db.rate_limits, query, update):
-            metrics.RATE_LIMITED.labels(name).inc()
-            raise AppError(ErrorCode.RATE_LIMITED, headers={"Retry-After": str(window.retry_after)})
 
     async def consume(self, name: str, key: str, limit: RateLimit) -> Hit:
         """Count one event; raise 429 `rate_limited` (with `Retry-After`) past the limit."""

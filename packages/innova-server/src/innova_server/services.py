@@ -91,7 +91,6 @@ def build_services(settings: Settings, plugins: PluginRegistry, mongo_uri: str) 
         conversations,
         messages,
         slots,
-        limiter,
         turns,
         usage,
         tasks,

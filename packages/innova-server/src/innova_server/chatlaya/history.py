@@ -73,4 +73,31 @@ async def read_branch(
     return newest_first, prompt or ""
 
 
-__all__ = ["HISTORY_BATCH", "build_history", "read_branch"]
+class Prefetched:
+    """A `fetch` for `read_branch` that answers first from messages read beforehand.
+
+    A turn reads its conversation and the messages of the branch's last
+    `HISTORY_BATCH` ids together (`ConversationStore.with_recent`); the
+    history is then usually complete without another round trip. Ids it
+    looked up and did not find are known absent; only others are fetched.
+    """
+
+    def __init__(
+        self,
+        looked_up: Sequence[str],
+        found: dict[str, MessageRecord],
+        fetch: Callable[[list[str]], Awaitable[dict[str, MessageRecord]]],
+    ) -> None:
+        self._looked_up = set(looked_up)
+        self._found = found
+        self._fetch = fetch
+
+    async def __call__(self, message_ids: list[str]) -> dict[str, MessageRecord]:
+        records = {m: self._found[m] for m in message_ids if m in self._found}
+        missing = [m for m in message_ids if m not in self._looked_up]
+        if missing:
+            records.update(await self._fetch(missing))
+        return records
+
+
+__all__ = ["HISTORY_BATCH", "Prefetched", "build_history", "read_branch"]

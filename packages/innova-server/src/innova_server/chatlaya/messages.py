@@ -30,7 +30,7 @@ from bson import ObjectId
 from pymongo import ASCENDING, InsertOne, ReturnDocument, UpdateOne
 
 from innova_server.auth.store import object_id, utcnow
-from innova_server.batching import LookupBatcher, WriteBatcher
+from innova_server.batching import LookupBatcher
 from innova_server.chatlaya.tree import Node
 from innova_server.db import Database, Document
 
@@ -106,7 +106,7 @@ class MessageStore:
         self.collection = db.messages
         # Under load, turns opening and ending together share their round
         # trips (innova_server.batching); a turn alone waits for nothing.
-        self._writes = WriteBatcher(self.collection)
+        self._writes = db.writes
         self._by_id: LookupBatcher[str, MessageRecord] = LookupBatcher(self._fetch, max_batch=100)
 
     # -- a turn's two messages --------------------------------------------
@@ -170,7 +170,10 @@ class MessageStore:
             }
         )
         # Both in the same batch; the caller deletes both when either failed.
-        written = await asyncio.gather(*(self._writes.write(InsertOne(doc)) for doc in docs), return_exceptions=True)
+        namespace = self.collection.full_name
+        written = await asyncio.gather(
+            *(self._writes.write(InsertOne(doc, namespace=namespace)) for doc in docs), return_exceptions=True
+        )
         failure = next((outcome for outcome in written if isinstance(outcome, BaseException)), None)
         if failure is not None:
             raise failure
@@ -224,6 +227,7 @@ class MessageStore:
                     },
                     "$unset": {"lease_expires_at": "", "stop_requested": ""},
                 },
+                namespace=self.collection.full_name,
             )
         )
 

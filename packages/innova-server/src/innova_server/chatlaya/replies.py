@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, NamedTuple, TypeVar, cast
 
 from bson import ObjectId
@@ -35,17 +35,23 @@ from innova_server import metrics
 from innova_server.auth.store import utcnow
 from innova_server.background import BackgroundTasks
 from innova_server.chat import ChatProvider, ChatRequest, ProviderError
-from innova_server.chatlaya.branches import Branches, owned
-from innova_server.chatlaya.history import build_history, read_branch
+from innova_server.chatlaya.branches import Branches
+from innova_server.chatlaya.history import HISTORY_BATCH, Prefetched, build_history, read_branch
 from innova_server.chatlaya.messages import MessageRecord, MessageStore
 from innova_server.chatlaya.openings import Openings
-from innova_server.chatlaya.store import ConversationRecord, ConversationStore, Slot, StreamSlots, make_title
+from innova_server.chatlaya.store import (
+    ConversationRecord,
+    ConversationStore,
+    RateLimited,
+    Slot,
+    StreamSlots,
+    make_title,
+)
 from innova_server.chatlaya.streams import InvalidEventId, LiveStream, StoredStream, parse_event_id
 from innova_server.chatlaya.titles import TitleWriter
 from innova_server.chatlaya.turns import Turn, TurnContext, TurnRegistry, TurnTimings
 from innova_server.chatlaya.usage import UsageStore, seconds_to_utc_midnight
 from innova_server.errors import AppError, ErrorCode
-from innova_server.ratelimit import RateLimiter, limit_key
 from innova_server.settings import Settings
 
 log = logging.getLogger("innova.chatlaya")
@@ -91,7 +97,6 @@ class Replies:
         conversations: ConversationStore,
         messages: MessageStore,
         slots: StreamSlots,
-        limiter: RateLimiter,
         turns: TurnRegistry,
         usage: UsageStore,
         tasks: BackgroundTasks,
@@ -106,7 +111,6 @@ class Replies:
         self.messages = messages
         self.branches = Branches(conversations, messages)
         self.slots = slots
-        self.limiter = limiter
         self.turns = turns
         self.usage = usage
         self.tasks = tasks
@@ -134,12 +138,9 @@ class Replies:
         sibling of that user message. See the module docstring for what happens before the stream."""
         message_id = str(ObjectId())
         async with self.openings.turn():
-            finding = (
-                self.conversations.get_or_create_active(user_id)
-                if conversation_id is None
-                else owned(self.conversations, user_id, conversation_id)
+            slot, (conversation, history) = await self._admit(
+                user_id, message_id, self._conversation(user_id, conversation_id)
             )
-            slot, conversation = await self._admit(user_id, message_id, finding)
             try:
                 branch = await self.branches.current(conversation)
                 if edit_of is None:
@@ -152,8 +153,24 @@ class Replies:
             except BaseException:
                 await self._release(slot)
                 raise
-            opened = await self._write_turn(user_id, conversation, branch, parent_path, content, message_id, slot)
+            opened = await self._write_turn(
+                user_id, conversation, branch, parent_path, content, message_id, slot, history
+            )
         return await self._launch(opened)
+
+    async def _conversation(self, user_id: str, conversation_id: str | None) -> tuple[ConversationRecord, Prefetched]:
+        """The conversation a message goes to (the active one, created if need be, when None), with
+        the newest messages of its branch: one round trip (`ConversationStore.with_recent`)."""
+        found = await self.conversations.with_recent(user_id, conversation_id, HISTORY_BATCH)
+        if found is None:
+            if conversation_id is not None:
+                raise AppError(ErrorCode.CONVERSATION_NOT_FOUND)
+            return await self.conversations.create_active(user_id), Prefetched([], {}, self.messages.by_ids)
+        conversation, docs = found
+        now = utcnow()
+        records = {str(doc["_id"]): MessageRecord.from_doc(doc, now) for doc in docs}
+        looked_up = (conversation.branch or [])[-HISTORY_BATCH:]
+        return conversation, Prefetched(looked_up, records, self.messages.by_ids)
 
     async def regenerate(self, user_id: str, message_id: str) -> Turn:
         """Another reply to the user message that `message_id` (an assistant message) answers."""
@@ -181,16 +198,28 @@ class Replies:
         return previous
 
     async def _admit(self, user_id: str, message_id: str, finding: Awaitable[T]) -> tuple[Slot, T]:
-        """The rate limit (and quota), a stream slot, and `finding` (what the turn is about), concurrently:
-        one round trip of waiting instead of three. Refusals come in the order a client expects —
-        rate limit or quota, then not found, then too many streams — and a slot taken meanwhile is given back."""
-        limited, found, slot = await asyncio.gather(
-            self._consume_message_limit(user_id),
+        """The rate limit and a stream slot (one write: `StreamSlots.acquire`), the daily quota when
+        there is one, and `finding` (what the turn is about), concurrently: one round of waiting.
+        Refusals come in the order a client expects — rate limit or quota, then not found, then too
+        many streams — and a slot taken meanwhile is given back."""
+        slot, quota, found = await asyncio.gather(
+            self.slots.acquire(
+                f"chat:{user_id}",
+                self.settings.chat_max_concurrent_streams,
+                message_id,
+                rate=self.settings.rate_limit_chat_user,
+            ),
+            self._check_quota(user_id),
             finding,
-            self.slots.acquire(f"chat:{user_id}", self.settings.chat_max_concurrent_streams, message_id),
             return_exceptions=True,
         )
-        failure = next((o for o in (limited, found, slot) if isinstance(o, BaseException)), None)
+        if isinstance(slot, RateLimited):
+            metrics.RATE_LIMITED.labels("chat").inc()
+            failure: BaseException | None = AppError(
+                ErrorCode.RATE_LIMITED, headers={"Retry-After": str(slot.retry_after)}
+            )
+        else:
+            failure = next((o for o in (slot, quota, found) if isinstance(o, BaseException)), None)
         if failure is None and isinstance(slot, Slot):
             return slot, cast(T, found)
         if isinstance(slot, Slot):
@@ -210,17 +239,12 @@ class Replies:
         the wait, never the work, and the task is not garbage-collected half-way."""
         await asyncio.shield(self.tasks.spawn(name, work))
 
-    async def _consume_message_limit(self, user_id: str) -> None:
-        """The per-minute message limit, and the daily token quota (read together: one round trip of wait)."""
+    async def _check_quota(self, user_id: str) -> None:
+        """The daily token quota, when `CHAT_DAILY_TOKENS_USER` sets one (one read; none otherwise)."""
         limit = self.settings.chat_daily_tokens_user
         if limit is None:
-            await self.limiter.take("chat", limit_key("chat", user_id), self.settings.rate_limit_chat_user)
             return
-        _, today = await asyncio.gather(
-            self.limiter.take("chat", limit_key("chat", user_id), self.settings.rate_limit_chat_user),
-            self.usage.today(user_id),
-        )
-        if today.tokens >= limit:
+        if (await self.usage.today(user_id)).tokens >= limit:
             metrics.RATE_LIMITED.labels("daily_tokens").inc()
             raise AppError(ErrorCode.QUOTA_EXCEEDED, headers={"Retry-After": str(seconds_to_utc_midnight())})
 
@@ -233,6 +257,7 @@ class Replies:
         content: str | None,
         message_id: str,
         slot: Slot,
+        history_source: Callable[[list[str]], Awaitable[dict[str, MessageRecord]]] | None = None,
     ) -> _Opened:
         """History, messages and branch, together: the last database round before the first chunk.
 
@@ -248,7 +273,7 @@ class Replies:
         first_message = content if content is not None and not parent_path else None
         now = utcnow()
         history, inserted, touched = await asyncio.gather(
-            read_branch(parent_path, content, settings.chat_history_chars, self.messages.by_ids),
+            read_branch(parent_path, content, settings.chat_history_chars, history_source or self.messages.by_ids),
             self.messages.open_turn(
                 conversation_id=conversation.id,
                 user_id=user_id,

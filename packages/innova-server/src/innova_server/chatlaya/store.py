@@ -10,8 +10,10 @@ Every state change that must be atomic is a single MongoDB operation:
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import math
 import re
 import secrets
 from dataclasses import dataclass
@@ -22,8 +24,8 @@ from bson import ObjectId
 from pymongo import DESCENDING, ReturnDocument, UpdateOne
 
 from innova_server.auth.store import object_id, utcnow
-from innova_server.batching import WriteBatcher
 from innova_server.db import Database, Document, update_if, write_then_confirm
+from innova_server.settings import RateLimit
 
 # -- records -----------------------------------------------------------------
 
@@ -89,6 +91,8 @@ def decode_cursor(cursor: str) -> tuple[datetime, ObjectId]:
 class ConversationStore:
     def __init__(self, db: Database) -> None:
         self.collection = db.conversations
+        self._messages = db.messages.name
+        self._writes = db.writes
 
     @staticmethod
     def _new_doc(user_id: ObjectId, now: datetime) -> Document:
@@ -134,6 +138,34 @@ class ConversationStore:
         found = await self.active(user_id)
         return found if found is not None else await self.create_active(user_id)
 
+    async def with_recent(
+        self, user_id: str, conversation_id: str | None, count: int
+    ) -> tuple[ConversationRecord, list[Document]] | None:
+        """The user's conversation (their active one when `conversation_id` is None) and the messages
+        of the last `count` ids of its branch, in one round trip (an aggregate with a `$lookup`);
+        None when there is no such conversation. What a turn needs before writing anything."""
+        owner = ObjectId(user_id)
+        if conversation_id is None:
+            match: list[Document] = [
+                {"$match": {"user_id": owner, "archived": False}},
+                {"$sort": {"updated_at": DESCENDING, "_id": DESCENDING}},
+                {"$limit": 1},
+            ]
+        else:
+            oid = object_id(conversation_id)
+            if oid is None:
+                return None
+            match = [{"$match": {"_id": oid, "user_id": owner}}]
+        pipeline = [
+            *match,
+            {"$addFields": {"_recent": {"$slice": [{"$ifNull": ["$branch", []]}, -count]}}},
+            {"$lookup": {"from": self._messages, "localField": "_recent", "foreignField": "_id", "as": "_messages"}},
+        ]
+        docs = await (await self.collection.aggregate(pipeline)).to_list()
+        if not docs:
+            return None
+        return ConversationRecord.from_doc(docs[0]), docs[0]["_messages"]
+
     async def create_active(self, user_id: str) -> ConversationRecord:
         """The creating half of `get_or_create_active`, for a caller that already saw no active one."""
         key = {"session_key": user_id}
@@ -149,22 +181,26 @@ class ConversationStore:
     ) -> bool:
         """Make `branch` current and move `updated_at`; set the automatic title if there is none yet.
 
-        One update. The title filter re-checks `title_set_by_user` in the same
-        operation, so a rename racing with the first message always wins.
-        False when the conversation is gone (deleted while the turn was being opened).
+        Batched with the turn's messages (`Database.writes`: one command for
+        both). The title is a second update in the same batch whose filter
+        re-checks `title_set_by_user`, so a rename racing with the first
+        message always wins. False when the conversation is gone (deleted
+        while the turn was being opened).
         """
         oid = ObjectId(conversation.id)
+        namespace = self.collection.full_name
         changes: dict[str, Any] = {"updated_at": now, "branch": [ObjectId(m) for m in branch]}
+        writes = [self._writes.matched(UpdateOne({"_id": oid}, {"$set": changes}, namespace=namespace))]
         if first_message is not None and conversation.title is None and not conversation.title_set_by_user:
             title = make_title(first_message)
-            result = await self.collection.update_one(
+            titled = UpdateOne(
                 {"_id": oid, "title_set_by_user": {"$ne": True}},
-                {"$set": {**changes, "title": title, "title_search": title.casefold()}},
+                {"$set": {"title": title, "title_search": title.casefold()}},
+                namespace=namespace,
             )
-            if result.matched_count:
-                return True
-        result = await self.collection.update_one({"_id": oid}, {"$set": changes})
-        return result.matched_count == 1
+            writes.append(self._writes.matched(titled))
+        matched, *_ = await asyncio.gather(*writes)
+        return matched == 1
 
     async def restore(self, conversation: ConversationRecord, branch: list[str], *, replaced: list[str]) -> None:
         """Put back branch, `updated_at` and title as `conversation` had them, unless the branch moved
@@ -295,39 +331,72 @@ class Slot:
     id: str
 
 
+@dataclass(frozen=True)
+class RateLimited:
+    """`acquire` refused by its rate: the oldest counted event leaves the window in `retry_after` seconds."""
+
+    retry_after: int
+
+
 class StreamSlots:
-    """At most `capacity` concurrent streams per key, shared by every worker.
+    """At most `capacity` concurrent streams per key, shared by every worker; optionally a rate too.
 
     One document per key holds the live slots in an array, each with its own
     lease. Taking a slot is one `$push` conditioned on the array being
     shorter than the capacity; a slot left behind by a crashed worker expires
     with its lease and is pruned on the next attempt that finds the array full.
+
+    With a `rate` (the chat's messages per minute), the same document keeps the
+    times of the key's last `rate.count` events, oldest first: a sliding
+    window. The event is admitted when fewer than `rate.count` are kept or the
+    oldest left the window, and the same conditional write takes the slot and
+    records the event — one round trip for both checks, and a refusal counts
+    nothing. (A fixed-window counter would need a second write at each new
+    window, and lets twice the rate through across a window's edge.)
     """
 
     def __init__(self, db: Database, *, lease: timedelta) -> None:
         self.collection = db.stream_slots
         self.lease = lease
-        self._writes = WriteBatcher(self.collection)  # slots given back together share a round trip
+        self._writes = db.writes  # with the reply's end and its usage: one round trip
 
-    async def acquire(self, key: str, capacity: int, slot_id: str | None = None) -> Slot | None:
-        """A slot of `key` (named `slot_id`, e.g. the reply's message id), or None when all are held."""
+    async def acquire(
+        self, key: str, capacity: int, slot_id: str | None = None, *, rate: RateLimit | None = None
+    ) -> Slot | RateLimited | None:
+        """A slot of `key` (named `slot_id`, e.g. the reply's message id); None when all are held,
+        `RateLimited` when `rate` is spent (checked first: a client retrying later needs to know when)."""
         slot = Slot(key, slot_id or secrets.token_hex(8))
         for attempt in range(2):
-            if await self._try_push(slot, capacity):
+            now = utcnow()
+            if await self._try_push(slot, capacity, rate, now):
                 return slot
-            if attempt == 0:
-                pruned = await self.collection.update_one(
-                    {"_id": key}, {"$pull": {"holders": {"expires_at": {"$lte": utcnow()}}}}
-                )
-                if not pruned.modified_count:
-                    return None
+            if attempt == 1:
+                break
+            # Refused: why? One read, on the refusal path only.
+            doc = await self.collection.find_one({"_id": key}) or {}
+            sent: list[datetime] = doc.get("sent") or []
+            if rate is not None and len(sent) >= rate.count and sent[0] > now - timedelta(seconds=rate.seconds):
+                waited = (sent[0] + timedelta(seconds=rate.seconds) - now).total_seconds()
+                return RateLimited(max(1, math.ceil(waited)))
+            holders = doc.get("holders") or []
+            if sum(1 for holder in holders if holder["expires_at"] > now) >= capacity:
+                return None
+            if len(holders) >= capacity:  # some leases ran out (a crashed worker): free them, then try again
+                await self.collection.update_one({"_id": key}, {"$pull": {"holders": {"expires_at": {"$lte": now}}}})
         return None
 
-    async def _try_push(self, slot: Slot, capacity: int) -> bool:
+    async def _try_push(self, slot: Slot, capacity: int, rate: RateLimit | None, now: datetime) -> bool:
         """One conditional `$push` (`update_if`: the first stream of a key creates its document); True when held."""
-        expires_at = utcnow() + self.lease
-        query = {"_id": slot.key, f"holders.{capacity - 1}": {"$exists": False}}
-        update = {"$push": {"holders": {"id": slot.id, "expires_at": expires_at}}, "$max": {"expires_at": expires_at}}
+        expires_at = now + self.lease
+        query: dict[str, Any] = {"_id": slot.key, f"holders.{capacity - 1}": {"$exists": False}}
+        update: dict[str, Any] = {"$push": {"holders": {"id": slot.id, "expires_at": expires_at}}}
+        if rate is not None:
+            window_start = now - timedelta(seconds=rate.seconds)
+            query["$or"] = [{f"sent.{rate.count - 1}": {"$exists": False}}, {"sent.0": {"$lte": window_start}}]
+            update["$push"]["sent"] = {"$each": [now], "$sort": 1, "$slice": -rate.count}
+            # The document (and its log of events) outlives the rate's window, not only the leases.
+            expires_at = max(expires_at, now + timedelta(seconds=rate.seconds))
+        update["$max"] = {"expires_at": expires_at}
         return await update_if(self.collection, query, update)
 
     async def renew_many(self, slots: list[Slot], until: datetime) -> None:
@@ -346,7 +415,11 @@ class StreamSlots:
         )
 
     async def release(self, slot: Slot) -> None:
-        await self._writes.write(UpdateOne({"_id": slot.key}, {"$pull": {"holders": {"id": slot.id}}}))
+        await self._writes.write(
+            UpdateOne(
+                {"_id": slot.key}, {"$pull": {"holders": {"id": slot.id}}}, namespace=self.collection.full_name
+            )
+        )
 
     async def held(self, key: str) -> int:
         doc = await self.collection.find_one({"_id": key, "holders": {"$exists": True}})
@@ -360,6 +433,7 @@ __all__ = [
     "ConversationRecord",
     "ConversationStore",
     "InvalidCursor",
+    "RateLimited",
     "Slot",
     "StreamSlots",
     "decode_cursor",

@@ -280,13 +280,10 @@ class Turn:
         finally:
             stop.cancel()
             await asyncio.gather(stop, return_exceptions=True)
-        try:
-            if self._stop_reason == "gone":
-                stored = True  # deleted with its conversation, or declared dead: nothing to write
-            else:
-                stored = await self._record(ending)
-        finally:
-            await asyncio.gather(self._release_slot(), self._count_usage())
+        # The end, the slot and the usage are written together (one command: `Database.writes`);
+        # `done` is sent only after all three, so it means "in the history, and the slot is free".
+        record = self._record(ending) if self._stop_reason != "gone" else _stored()
+        stored, _, _ = await asyncio.gather(record, self._release_slot(), self._count_usage())
         if not stored:
             # Said but not saved: the client must not believe the reply is in
             # the history. A provider failure, when there was one, stays the
@@ -449,6 +446,11 @@ class Turn:
         if self._usage is None:
             return None
         return {"prompt_tokens": self._usage.prompt_tokens, "completion_tokens": self._usage.completion_tokens}
+
+
+async def _stored() -> bool:
+    """Deleted with its conversation, or declared dead: nothing to write."""
+    return True
 
 
 class TurnRegistry:

@@ -16,7 +16,6 @@ from pymongo import UpdateOne
 from pymongo.errors import DuplicateKeyError
 
 from innova_server.auth.store import utcnow
-from innova_server.batching import WriteBatcher
 from innova_server.db import Database
 
 # Kept a while beyond the day, for an operator's look back (TTL on `expires_at`).
@@ -52,7 +51,7 @@ class DailyUsage:
 class UsageStore:
     def __init__(self, db: Database) -> None:
         self.collection = db.usage_daily
-        self._writes = WriteBatcher(self.collection)  # replies ending together share a round trip
+        self._writes = db.writes  # with the reply's end and its slot: one round trip
 
     async def add(
         self, user_id: str, *, prompt_tokens: int, completion_tokens: int, now: datetime | None = None
@@ -65,7 +64,7 @@ class UsageStore:
             "$setOnInsert": {"user_id": ObjectId(user_id), "day": day, "expires_at": now + RETENTION},
         }
         try:
-            await self._writes.write(UpdateOne(key, update, upsert=True))
+            await self._writes.write(UpdateOne(key, update, upsert=True, namespace=self.collection.full_name))
         except DuplicateKeyError:  # two first replies of the day at once: the document exists now
             await self.collection.update_one(key, {"$inc": update["$inc"]})
 
