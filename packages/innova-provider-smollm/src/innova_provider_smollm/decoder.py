@@ -124,9 +124,14 @@ class BatchDecoder:
         if code != 0:
             raise DecodeError(f"llama_decode returned {code}")
 
-    def forget(self, sequence: int) -> None:
-        """Free a sequence's KV cells at once, so its slot starts clean for the next request."""
-        self._lib.llama_memory_seq_rm(self._memory, sequence, -1, -1)
+    def forget(self, sequence: int, start: int = 0) -> bool:
+        """Free a sequence's KV cells from position `start` on (all of them by default).
+
+        False if llama.cpp could not cut the sequence there (it then holds
+        what it held): the caller clears it whole instead.
+        """
+        done: bool = self._lib.llama_memory_seq_rm(self._memory, sequence, start if start > 0 else -1, -1)
+        return done
 
     def close(self) -> None:
         """Free the batch and the context (the model itself belongs to `LocalModel`). Safe twice."""
