@@ -246,7 +246,7 @@ class BatchEngine:
         sequence.slot = slot
         sequence.fed = reused
         self.reused_tokens += reused
-        sequence.sampler = Sampler(sequence.temperature)
+        sequence.sampler = Sampler(sequence.temperature, self._decoder.n_vocab)
         self._running.append(sequence)
 
     def _choose_slot(self, tokens: list[int]) -> tuple[_Slot, int]:
