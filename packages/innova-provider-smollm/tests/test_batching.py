@@ -18,8 +18,7 @@ import pytest
 
 from innova_provider_smollm.model import LlamaOptions, LocalModel
 from innova_provider_smollm.provider import SmolLMProvider
-from innova_server.chat import ChatChunk, ChatMessage, ChatProvider, ChatRequest, ContextTooLong, ProviderBusy
-from innova_server.testing import ErrorCase, ProviderConformance
+from innova_server.chat import ChatChunk, ChatMessage, ChatRequest, ContextTooLong, ProviderBusy
 
 PARALLEL = LlamaOptions(n_ctx=512, n_threads=2, parallel=4, prompt_chunk=16)
 ALONE = LlamaOptions(n_ctx=512, n_threads=2)
@@ -32,9 +31,9 @@ PROMPTS = [
 ]
 
 
-def request(text: str, **options: Any) -> ChatRequest:
+def request(text: str, *, history: list[ChatMessage] | None = None, **options: Any) -> ChatRequest:
     options = {"max_tokens": 24, "temperature": 0.0, **options}
-    messages = [ChatMessage("system", "Tu es un assistant."), ChatMessage("user", text)]
+    messages = [ChatMessage("system", "Tu es un assistant."), *(history or []), ChatMessage("user", text)]
     return ChatRequest(messages=messages, model="tiny", **options)
 
 
@@ -69,7 +68,7 @@ def alone_replies(model_file: Path) -> dict[str, str]:
 def test_greedy_output_is_the_same_alone_and_beside_three_others(
     model_file: Path, alone_replies: dict[str, str]
 ) -> None:
-    async def body(provider: SmolLMProvider) -> tuple[dict[str, str], dict[str, str]]:
+    async def body(provider: SmolLMProvider) -> tuple[dict[str, str], dict[str, str], int]:
         alone = {prompt: text(await reply(provider, request(prompt))) for prompt in PROMPTS}
         # Staggered, so sequences join a batch that is already running and
         # newcomers' prompts are chunked between the others' steps.
@@ -78,13 +77,65 @@ def test_greedy_output_is_the_same_alone_and_beside_three_others(
             tasks[prompt] = asyncio.create_task(reply(provider, request(prompt)))
             await asyncio.sleep(0.03)
         together = {prompt: text(await task) for prompt, task in tasks.items()}
-        return alone, together
+        return alone, together, provider.reused_tokens
 
-    alone, together = run(SmolLMProvider(model_file, PARALLEL), body)
+    alone, together, reused = run(SmolLMProvider(model_file, PARALLEL), body)
     assert all(alone.values())
     assert together == alone
+    assert reused > 0  # the system prompt's cells, kept from the reply before
     # And the batch engine alone says what `Llama.generate` says.
     assert alone == alone_replies
+
+
+def test_a_follow_up_reuses_the_conversations_cells_and_says_the_same(model_file: Path) -> None:
+    # The second turn's prompt starts with the first turn's prompt and reply:
+    # the slot that served the first keeps their cells, the second evaluates
+    # only what is new — and replies exactly as without any kept cells, and
+    # as `Llama.generate` (SMOLLM_PARALLEL=1).
+    first = request(PROMPTS[1])
+
+    def follow_up(answer: str) -> ChatRequest:
+        history = [ChatMessage("user", PROMPTS[1]), ChatMessage("assistant", answer)]
+        return request("Et en une phrase ?", history=history)
+
+    async def conversation(provider: SmolLMProvider) -> tuple[str, str, int, int]:
+        answer = text(await reply(provider, first))
+        before = provider.reused_tokens
+        assert provider._model is not None
+        first_prompt = len(provider._model.prompt(first.messages, first.max_tokens).tokens)
+        second = text(await reply(provider, follow_up(answer)))
+        return answer, second, provider.reused_tokens - before, first_prompt
+
+    answer, second, reused, first_prompt = run(SmolLMProvider(model_file, PARALLEL), conversation)
+    assert second
+    assert reused >= first_prompt  # at least the whole first prompt came from kept cells
+
+    async def second_only(provider: SmolLMProvider) -> str:
+        return text(await reply(provider, follow_up(answer)))
+
+    assert run(SmolLMProvider(model_file, PARALLEL), second_only) == second  # no cells to reuse there
+    assert run(SmolLMProvider(model_file, ALONE), second_only) == second
+
+
+def test_a_cut_reply_leaves_only_what_its_cells_hold(model_file: Path) -> None:
+    # A reply cancelled in the middle of its prompt or its reply keeps the
+    # cells it has; the next prompt reuses only what matches, and says what a
+    # fresh slot says.
+    async def body(provider: SmolLMProvider) -> tuple[str, str, int]:
+        stream = provider.stream(request(LONG_PROMPT, max_tokens=200))
+        for _ in range(5):
+            await anext(stream)
+        await stream.aclose()  # type: ignore[attr-defined]
+        same = text(await reply(provider, request(LONG_PROMPT)))
+        other = text(await reply(provider, request(PROMPTS[2])))
+        return same, other, provider.reused_tokens
+
+    async def fresh(provider: SmolLMProvider) -> tuple[str, str]:
+        return text(await reply(provider, request(LONG_PROMPT))), text(await reply(provider, request(PROMPTS[2])))
+
+    same, other, reused = run(SmolLMProvider(model_file, PARALLEL), body)
+    assert (same, other) == run(SmolLMProvider(model_file, ALONE), fresh)
+    assert reused > 0
 
 
 def test_a_newcomer_joins_the_running_batch_without_waiting_for_it_to_finish(model_file: Path) -> None:
@@ -263,22 +314,3 @@ def test_the_tokenizer_works_without_the_llama_context(model: LocalModel) -> Non
     # With N > 1 the `Llama` object's own context is tiny; prompts are still built for the slot's window.
     prompt = model.prompt([ChatMessage("user", "mot " * 200)], max_tokens=1000)
     assert len(prompt.tokens) + prompt.max_tokens <= 512
-
-
-class TestBatchedConformance(ProviderConformance):
-    model = "SmolLM2-135M-Instruct.Q4_1"
-
-    @pytest.fixture
-    def make_provider(self, model_file: Path) -> Callable[[], ChatProvider]:
-        return lambda: SmolLMProvider(model_file, PARALLEL)
-
-    def make_request(self, text: str | None = None, **options: Any) -> ChatRequest:
-        options.setdefault("max_tokens", 16)
-        options.setdefault("temperature", 0.0)
-        return super().make_request(text, **options)
-
-    @pytest.fixture
-    def error_case(self, model_file: Path) -> ErrorCase:
-        return ErrorCase(
-            lambda: SmolLMProvider(model_file, PARALLEL), ContextTooLong, request=self.make_request("mot " * 2000)
-        )

@@ -155,12 +155,18 @@ async def _text(stream: Any) -> str:
     return "".join([chunk.text async for chunk in stream])
 
 
+@pytest.fixture(params=[1, 4], ids=["parallel_1", "parallel_4"])
+def conformance_options(request: pytest.FixtureRequest) -> LlamaOptions:
+    """The suite runs on both paths: `Llama.generate` (1) and the batch engine (4)."""
+    return LlamaOptions(n_ctx=512, n_threads=2, parallel=request.param, prompt_chunk=16)
+
+
 class TestSmolLMConformance(ProviderConformance):
     model = "SmolLM2-135M-Instruct.Q4_1"
 
     @pytest.fixture
-    def make_provider(self, model_file: Path) -> Callable[[], ChatProvider]:
-        return lambda: SmolLMProvider(model_file, OPTIONS)
+    def make_provider(self, model_file: Path, conformance_options: LlamaOptions) -> Callable[[], ChatProvider]:
+        return lambda: SmolLMProvider(model_file, conformance_options)
 
     def make_request(self, text: str | None = None, **options: Any) -> ChatRequest:
         # Short replies keep the suite fast; greedy decoding keeps it stable.
@@ -169,7 +175,9 @@ class TestSmolLMConformance(ProviderConformance):
         return super().make_request(text, **options)
 
     @pytest.fixture
-    def error_case(self, model_file: Path) -> ErrorCase:
+    def error_case(self, model_file: Path, conformance_options: LlamaOptions) -> ErrorCase:
         return ErrorCase(
-            lambda: SmolLMProvider(model_file, OPTIONS), ContextTooLong, request=self.make_request("mot " * 2000)
+            lambda: SmolLMProvider(model_file, conformance_options),
+            ContextTooLong,
+            request=self.make_request("mot " * 2000),
         )

@@ -29,9 +29,9 @@ log = logging.getLogger("innova.smollm")
 DEFAULT_MODEL_PATH = Path("backend/smollm-1.7b-instruct")
 # README_SMOLLM.md §6 has the measurements (2-core development machine): 4
 # replies at once stream fairly, a newcomer starts at once, and one reply
-# alone is as fast as with 1; 8 gives llama.cpp more throughput there
-# (batch 8: 1.17× one alone with 1 thread, 1.71× with 2; batch 4: 1.07×,
-# 1.36×) for twice the KV memory and less speed per reply.
+# alone is as fast, and starts as soon, as with 1; 8 gives llama.cpp little
+# more throughput there (batch 8: 1.61× one alone with 1 thread, 1.44× with
+# 2; batch 4: 1.55×, 1.28×) for twice the KV memory and less speed per reply.
 DEFAULT_PARALLEL = 4
 # Prompt tokens per step beside running streams (README_SMOLLM.md says why).
 DEFAULT_PROMPT_CHUNK = 32

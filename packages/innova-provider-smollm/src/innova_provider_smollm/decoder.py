@@ -36,27 +36,41 @@ class DecoderShape:
 
 
 class Sampler:
-    """One request's sampler chain (greedy at temperature 0, else top-k/top-p/min-p/temperature/random)."""
+    """One request's sampling: greedy at temperature 0, else llama.cpp's chain (top-k/top-p/min-p/temperature/random).
 
-    def __init__(self, temperature: float) -> None:
+    Greedy is the index of the largest logit, read straight from the
+    context's logits (numpy's argmax, first of equals — what llama.cpp's
+    greedy sampler picks): ≈ 10 µs a token, where `llama_sampler_sample`
+    copies the whole vocabulary (49k candidates for SmolLM2) into its
+    candidate array first, ≈ 0.1 ms — time the decode loop spends between two
+    steps for every sequence, while llama.cpp's threads wait.
+    """
+
+    def __init__(self, temperature: float, n_vocab: int) -> None:
         import llama_cpp
+        import numpy
 
         self._lib: Any = llama_cpp
-        chain: Any = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+        self._numpy: Any = numpy
+        self._n_vocab = n_vocab
+        self._chain: Any = None
         if temperature <= 0.0:
-            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
-        else:
-            # The same chain as `Llama.generate` builds (its no-op penalties
-            # and typical-p left out), with the same constants.
-            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_top_k(TOP_K))
-            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_top_p(TOP_P, 1))
-            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_min_p(MIN_P, 1))
-            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_temp(temperature))
-            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_dist(llama_cpp.LLAMA_DEFAULT_SEED))
-        self._chain: Any = chain
+            return
+        chain: Any = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+        # The same chain as `Llama.generate` builds (its no-op penalties
+        # and typical-p left out), with the same constants.
+        llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_top_k(TOP_K))
+        llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_top_p(TOP_P, 1))
+        llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_min_p(MIN_P, 1))
+        llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_temp(temperature))
+        llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_dist(llama_cpp.LLAMA_DEFAULT_SEED))
+        self._chain = chain
 
     def sample(self, context: Any, index: int) -> int:
-        """The next token from the logits of the batch's `index`-th token (accepted into the chain)."""
+        """The next token from the logits of the batch's `index`-th token (accepted into the chain, if any)."""
+        if self._chain is None:
+            logits = self._lib.llama_get_logits_ith(context, index)
+            return int(self._numpy.ctypeslib.as_array(logits, shape=(self._n_vocab,)).argmax())
         token: int = self._lib.llama_sampler_sample(self._chain, context, index)
         return token
 
@@ -92,6 +106,7 @@ class BatchDecoder:
             self.close()
             raise DecodeError(f"llama.cpp gave each sequence fewer than {shape.n_ctx} cells")
         self._memory: Any = llama_cpp.llama_get_memory(context)
+        self.n_vocab: int = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(llama_model))
         self._batch: Any = llama_cpp.llama_batch_init(shape.n_batch, 0, 1)
         self._size = 0
 
@@ -124,9 +139,14 @@ class BatchDecoder:
         if code != 0:
             raise DecodeError(f"llama_decode returned {code}")
 
-    def forget(self, sequence: int) -> None:
-        """Free a sequence's KV cells at once, so its slot starts clean for the next request."""
-        self._lib.llama_memory_seq_rm(self._memory, sequence, -1, -1)
+    def forget(self, sequence: int, start: int = 0) -> bool:
+        """Free a sequence's KV cells from position `start` on (all of them by default).
+
+        False if llama.cpp could not cut the sequence there (it then holds
+        what it held): the caller clears it whole instead.
+        """
+        done: bool = self._lib.llama_memory_seq_rm(self._memory, sequence, start if start > 0 else -1, -1)
+        return done
 
     def close(self) -> None:
         """Free the batch and the context (the model itself belongs to `LocalModel`). Safe twice."""

@@ -4,7 +4,8 @@ Why: generating a token on a CPU is bound by reading the weights; one
 `llama_decode` over N sequences reads them once for all N, so N replies cost
 little more than one. Requests join the running batch between two steps (a
 newcomer never waits for the others to finish) and leave it when done,
-stopped or cancelled, their KV cells freed at once.
+stopped or cancelled, their slot free at once for the next request (which
+reuses the cells of the prefix it shares, and cuts the rest).
 
 One step of the loop:
 
@@ -22,9 +23,18 @@ One step of the loop:
    own sampler (temperature, max_tokens are per request), and the text is
    handed to its reader.
 
-Sequence ids are given lowest-free first and the batch is ordered by id:
-llama.cpp evaluates a batch whose per-sequence KV streams are consecutive ids
-in one pass.
+Prompt-prefix reuse: a sequence id (a slot) keeps its KV cells when its
+reply ends, and remembers their tokens. A newcomer takes the free slot whose
+kept tokens share the longest prefix with its prompt (the system prompt;
+the whole conversation so far when the same conversation goes on), cuts the
+cells after that prefix and evaluates only the rest — what `Llama.generate`
+does with its one cache when `SMOLLM_PARALLEL=1`. The cells of a sequence
+are computed from its own tokens only, so reused cells hold what evaluating
+the prefix again would: greedy output does not change.
+
+Slots are given lowest-free first (unless another free slot saves at least a
+prompt chunk) and the batch is ordered by id: llama.cpp evaluates a batch
+whose per-sequence KV streams are consecutive ids in one pass.
 """
 
 from __future__ import annotations
@@ -73,10 +83,27 @@ class Ticket:
             self._engine._cond.notify()
 
     def cancel(self) -> None:
-        """The reader is gone: the sequence leaves the batch before the next step, its cells freed."""
+        """The reader is gone: the sequence leaves the batch before the next step, its slot freed."""
         with self._engine._cond:
             self.cancelled = True
             self._engine._cond.notify()
+
+
+def common_prefix(kept: list[int], tokens: list[int], limit: int) -> int:
+    """How many leading tokens `kept` and `tokens` share, at most `limit`."""
+    size = min(len(kept), len(tokens), limit)
+    if kept[:size] == tokens[:size]:
+        return size
+    return next(i for i in range(size) if kept[i] != tokens[i])
+
+
+@dataclass(eq=False)
+class _Slot:
+    """One sequence id of the context, and the tokens its KV cells hold from position 0 (engine thread only)."""
+
+    seq_id: int
+    kept: list[int] = field(default_factory=list)
+    busy: bool = False
 
 
 @dataclass(eq=False)
@@ -88,7 +115,7 @@ class _Sequence:
     temperature: float
     deliver: Deliver
     on_exit: Callable[[], None]
-    seq_id: int = -1
+    slot: _Slot | None = None
     fed: int = 0  # prompt tokens already in the KV cache
     next_token: int | None = None  # sampled, not yet in the KV cache
     completion: int = 0
@@ -99,6 +126,10 @@ class _Sequence:
     @property
     def prefilling(self) -> bool:
         return self.fed < len(self.prompt.tokens)
+
+    @property
+    def seq_id(self) -> int:
+        return self.slot.seq_id if self.slot is not None else -1
 
     @property
     def position(self) -> int:
@@ -121,7 +152,9 @@ class BatchEngine:
         self._closing = False
         self._failure: BaseException | None = None
         self._running: list[_Sequence] = []  # engine thread only
-        self._free_ids = list(range(sequences))
+        self._slots = [_Slot(seq_id) for seq_id in range(sequences)]  # engine thread only
+        #: Prompt tokens taken from cells kept from earlier replies instead of evaluated (a count, for tests and logs).
+        self.reused_tokens = 0
         self._step_seconds = 0.02
         self._last_step_end = time.monotonic()
         self._thread = threading.Thread(target=self._run, name="innova-smollm-batch", daemon=True)
@@ -130,7 +163,7 @@ class BatchEngine:
     # -- any thread ---------------------------------------------------------------
 
     def submit(self, prompt: Prompt, temperature: float, deliver: Deliver, on_exit: Callable[[], None]) -> Ticket:
-        """Queue a sequence for the next step. `on_exit` runs in the engine thread once its cells are freed."""
+        """Queue a sequence for the next step. `on_exit` runs in the engine thread once it left the batch."""
         ticket = Ticket(self)
         sequence = _Sequence(ticket, prompt, temperature, deliver, on_exit)
         with self._cond:
@@ -179,7 +212,7 @@ class BatchEngine:
             while True:
                 if self._closing:
                     return False
-                while self._inbox and self._free_ids:
+                while self._inbox and any(not slot.busy for slot in self._slots):
                     self._admit(self._inbox.popleft())
                 for sequence in [s for s in self._running if s.ticket.cancelled]:
                     self._leave(sequence, None)
@@ -203,10 +236,31 @@ class BatchEngine:
         if sequence.ticket.cancelled:
             sequence.on_exit()
             return
-        self._free_ids.sort()
-        sequence.seq_id = self._free_ids.pop(0)
-        sequence.sampler = Sampler(sequence.temperature)
+        tokens = sequence.prompt.tokens
+        slot, reused = self._choose_slot(tokens)
+        if not self._decoder.forget(slot.seq_id, reused):  # the cells after the common prefix go
+            self._decoder.forget(slot.seq_id)
+            reused = 0
+        del slot.kept[reused:]
+        slot.busy = True
+        sequence.slot = slot
+        sequence.fed = reused
+        self.reused_tokens += reused
+        sequence.sampler = Sampler(sequence.temperature, self._decoder.n_vocab)
         self._running.append(sequence)
+
+    def _choose_slot(self, tokens: list[int]) -> tuple[_Slot, int]:
+        """The free slot for a prompt, and how many of its first tokens that slot's cells already hold.
+
+        The lowest free slot, unless another saves at least a prompt chunk
+        (see the module's docstring). The last prompt token is always
+        evaluated again: its logits give the reply's first token.
+        """
+        free = [slot for slot in self._slots if not slot.busy]
+        shared = [common_prefix(slot.kept, tokens, len(tokens) - 1) for slot in free]
+        best = max(range(len(free)), key=lambda i: (shared[i], -i))
+        chosen = best if shared[best] - shared[0] >= self.prompt_chunk else 0
+        return free[chosen], shared[chosen]
 
     def _step(self) -> None:
         """Build one batch, decode it, sample and deliver."""
@@ -224,8 +278,10 @@ class BatchEngine:
         batched: list[_Sequence] = []
         for sequence in sorted(self._running, key=lambda s: s.seq_id):
             sequence.batch_index = -1
+            assert sequence.slot is not None
             if id(sequence) in ready and sequence.next_token is not None:
                 sequence.batch_index = decoder.add(sequence.next_token, sequence.position, sequence.seq_id, logits=True)
+                sequence.slot.kept.append(sequence.next_token)
                 batched.append(sequence)
             elif id(sequence) in chunks:
                 start, end = sequence.fed, sequence.fed + chunks[id(sequence)]
@@ -233,6 +289,7 @@ class BatchEngine:
                     index = decoder.add(
                         sequence.prompt.tokens[position], position, sequence.seq_id, logits=position == end - 1
                     )
+                sequence.slot.kept.extend(sequence.prompt.tokens[start:end])
                 sequence.fed = end
                 if not sequence.prefilling:
                     sequence.batch_index = index
@@ -245,7 +302,7 @@ class BatchEngine:
         except Exception as exc:
             log.exception("local model: llama_decode failed for %d sequences", len(batched))
             for sequence in batched:
-                self._leave(sequence, exc)
+                self._leave(sequence, exc, keep=False)  # what its cells hold is unknown now
             return
         finally:
             self._last_step_end = time.monotonic()
@@ -274,11 +331,16 @@ class BatchEngine:
         usage = Usage(len(sequence.prompt.tokens), sequence.completion)
         self._leave(sequence, Piece(sequence.decoder.decode(b"", final=True), reason, usage))
 
-    def _leave(self, sequence: _Sequence, last: Delivery | None) -> None:
-        """Out of the batch: cells freed, slot released (`on_exit`), then the last piece or error, if any."""
+    def _leave(self, sequence: _Sequence, last: Delivery | None, *, keep: bool = True) -> None:
+        """Out of the batch, its slot free (cells kept for a later prompt's prefix, unless `keep` is False);
+        the provider's slot released (`on_exit`), then the last piece or error, if any."""
         self._running.remove(sequence)
-        self._decoder.forget(sequence.seq_id)
-        self._free_ids.append(sequence.seq_id)
+        slot = sequence.slot
+        if slot is not None:
+            if not keep:
+                self._decoder.forget(slot.seq_id)
+                slot.kept.clear()
+            slot.busy = False
         if sequence.sampler is not None:
             sequence.sampler.close()
         try:

@@ -13,8 +13,8 @@ arrival order; past `SMOLLM_MAX_QUEUE` waiting, a newcomer gets
 interrupted by a newcomer.
 
 A slot is released by the thread that used the model, after its last call
-into llama.cpp for that reply (with N > 1: once the sequence's KV cells are
-freed): releasing it from the event loop when the client leaves could start
+into llama.cpp for that reply (with N > 1: once the sequence has left the
+batch): releasing it from the event loop when the client leaves could start
 the next generation while the old one is still inside the model.
 """
 
@@ -97,6 +97,12 @@ class SmolLMProvider:
     def running(self) -> int:
         """Requests holding a slot (generating, or about to)."""
         return self._slot.in_use
+
+    @property
+    def reused_tokens(self) -> int:
+        """With N > 1: prompt tokens taken from cells kept from earlier replies, not evaluated again (so far)."""
+        engine = self._engine
+        return engine.reused_tokens if engine is not None else 0
 
     def _load(self) -> LocalModel:
         """Load the model (and, with N > 1, start its batch engine) once; blocks."""
@@ -259,7 +265,7 @@ class SmolLMProvider:
                 loop.call_soon_threadsafe(queue.put_nowait, item)
 
         # From here the engine owns the slot: it calls `release_from_thread`
-        # once the sequence has left the batch and its cells are freed.
+        # once the sequence has left the batch.
         ticket = engine.submit(prompt, request.temperature, deliver, release_from_thread)
         try:
             while True:
