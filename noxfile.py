@@ -83,6 +83,56 @@ def ensure_system_tools(session: nox.Session, tools: dict[str, str] = SYSTEM_TOO
         session.log(f"apt-get could not install {', '.join(missing)}; the tests needing them will skip")
 
 
+# llama.cpp's AMX kernels (Intel Xeon Sapphire Rapids and later) crash at the
+# first token (a segfault in ggml_backend_amx_mul_mat; llama.cpp issue #20824,
+# closed unfixed): on such a CPU llama-cpp-python is built without them
+# (packages/innova-provider-smollm/README_SMOLLM.md §1, the same flags).
+LLAMA_WITHOUT_AMX = (
+    "-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON "
+    "-DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON"
+)
+# Built once per machine (pip's own cache would give back the native build).
+LLAMA_WHEELHOUSE = Path.home() / ".cache" / "innova" / "llama-cpp-python-without-amx"
+
+
+def _cpu_has_amx() -> bool:
+    try:
+        return " amx_int8" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+def install_llama(session: nox.Session) -> None:
+    """llama-cpp-python at the pinned version, compiled here (about 6 minutes the first time):
+    pip's usual build, except on a CPU with AMX, where it is a wheel built without AMX, kept in
+    `LLAMA_WHEELHOUSE` so that it compiles once per machine."""
+    if not _cpu_has_amx():
+        return  # the package's own requirement installs it, with pip's cached build
+    pin = next(
+        line
+        for line in (ROOT / "deploy/constraints.txt").read_text().splitlines()
+        if line.startswith("llama-cpp-python==")
+    )
+    version = pin.split("==", 1)[1]
+    wheels = sorted(LLAMA_WHEELHOUSE.glob(f"llama_cpp_python-{version}-*.whl"))
+    if not wheels:
+        session.log("CPU with AMX: building llama-cpp-python without it (README_SMOLLM.md §1)")
+        session.run(
+            "python",
+            "-m",
+            "pip",
+            "wheel",
+            "--no-cache-dir",
+            "--no-deps",
+            "-w",
+            str(LLAMA_WHEELHOUSE),
+            pin,
+            env={"CMAKE_ARGS": LLAMA_WITHOUT_AMX},
+        )
+        wheels = sorted(LLAMA_WHEELHOUSE.glob(f"llama_cpp_python-{version}-*.whl"))
+    session.install(*PINS, str(wheels[-1]))
+
+
 def install_workspace(session: nox.Session, *extras: str) -> None:
     extra = f"[{','.join(extras)}]" if extras else ""
     session.install(*PINS, "-e", f"{CORE}{extra}", *[arg for p in PLUGINS for arg in ("-e", p)])
@@ -112,6 +162,7 @@ def tests_models(session: nox.Session) -> None:
     """Tests of the model providers (local SmolLM, cloud SDKs) with the real SmolLM2-135M model."""
     present = [p for p in MODEL_PLUGINS if (ROOT / p).exists()]
     install_workspace(session, "embedded", "production")
+    install_llama(session)
     session.install(*PINS, *[arg for p in present for arg in ("-e", f"{p}[test]")], *TEST_DEPS)
     session.run("pytest", *(session.posargs or present))
 
@@ -156,6 +207,7 @@ def bench(session: nox.Session) -> None:
 def bench_models(session: nox.Session) -> None:
     """Model providers through our SSE endpoint vs their libraries called directly (needs llama-cpp-python)."""
     install_workspace(session, "embedded", "production")
+    install_llama(session)
     session.install(*PINS, *[arg for p in MODEL_PLUGINS for arg in ("-e", f"{p}[test]")], "psutil>=5.9")
     session.run("python", "benchmarks/smollm_bench.py")
     session.run("python", "benchmarks/smollm_parallel_bench.py")
