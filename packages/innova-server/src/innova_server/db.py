@@ -236,7 +236,7 @@ async def update_if(collection: AsyncCollection[Document], query: Document, upda
     """`update_one(query, update, upsert=True)` for a conditional write: True when it applied.
 
     An `update_one`, not a `findAndModify`, for writes whose answer is only
-    "applied or not" (a rate-limit window with room, a free stream slot):
+    "applied or not" (a free stream slot within the chat rate):
     SecantusDB serves every `findAndModify` by scanning the collection.
     When the condition misses on an existing document, the upsert tries to
     create it again and gets DuplicateKeyError; two first writers racing to

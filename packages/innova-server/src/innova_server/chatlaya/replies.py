@@ -4,10 +4,13 @@ Opening a turn is the *before* of a reply, and costs three rounds of
 database waiting (the session lookup included), each round's independent
 operations running together:
 
-1. the rate limit (and the daily quota), the conversation (404), a stream
-   slot (429) — refused in that order of precedence;
-2. the history read, the two messages inserted (the reply `streaming`), and
-   the conversation's branch, `updated_at` and title written;
+1. the rate limit and a stream slot, in one conditional write
+   (`StreamSlots.acquire`), and the conversation with the newest messages of
+   its branch, in one aggregate (`ConversationStore.with_recent`) — and the
+   daily quota's read when there is one; refused in the order rate limit or
+   quota, conversation (404), stream slot (429);
+2. the two messages inserted (the reply `streaming`) and the conversation's
+   branch, `updated_at` and title written: one command (`Database.writes`);
 3. (no database) the provider started and its first chunk awaited for up to
    `CHAT_PING_SECONDS`.
 
