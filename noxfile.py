@@ -178,7 +178,7 @@ def typecheck(session: nox.Session) -> None:
     install_workspace(session)
     # The cloud plugin is type-checked with its SDKs (pure Python; no llama-cpp-python needed).
     cloud = "packages/innova-provider-cloud"
-    session.install(*PINS, "mypy>=1.10", *TEST_DEPS, *(["-e", cloud] if (ROOT / cloud).exists() else []))
+    session.install(*PINS, "mypy>=1.10", "numpy>=1.24", *TEST_DEPS, *(["-e", cloud] if (ROOT / cloud).exists() else []))
     session.run("mypy")
 
 
