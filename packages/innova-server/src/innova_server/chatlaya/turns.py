@@ -282,8 +282,9 @@ class Turn:
             await asyncio.gather(stop, return_exceptions=True)
         # The end, the slot and the usage are written together (one command: `Database.writes`);
         # `done` is sent only after all three, so it means "in the history, and the slot is free".
+        # Shielded: a task cancelled now (shutdown) still frees its slot and stores its end.
         record = self._record(ending) if self._stop_reason != "gone" else _stored()
-        stored, _, _ = await asyncio.gather(record, self._release_slot(), self._count_usage())
+        stored, _, _ = await asyncio.shield(asyncio.gather(record, self._release_slot(), self._count_usage()))
         if not stored:
             # Said but not saved: the client must not believe the reply is in
             # the history. A provider failure, when there was one, stays the
