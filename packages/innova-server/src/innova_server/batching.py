@@ -210,7 +210,7 @@ class WriteBatcher(_Batcher[tuple[WriteOp, bool], int]):
         (a collection's `bulk_write` reports counts for the whole batch only)."""
         groups: dict[tuple[str, int], list[int]] = {}
         for index, (op, counted) in enumerate(items):
-            groups.setdefault((_named(op)._namespace or "", index if counted else -1), []).append(index)
+            groups.setdefault((op._namespace or "", index if counted else -1), []).append(index)  # named: `_named`
         outcomes: list[int | Exception] = [0] * len(items)
 
         async def run(namespace: str, indexes: list[int]) -> None:
