@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -255,6 +256,34 @@ def test_history_has_system_prompt_and_fits_the_budget(with_provider):
     assert last.messages[-1].content == "c" * 50
     # 200 chars: the new message (50) + the newest earlier ones that fit whole.
     assert [m.content for m in last.messages[1:]] == ["r" * 40, "b" * 50, "r" * 40, "c" * 50]
+
+
+def test_a_long_history_of_short_messages_costs_one_more_read(with_provider):
+    """61 short messages: the first 24 come with the conversation, and the rest, not a batch of 24
+    at a time, in one `find` sized from their lengths (it runs beside the turn's writes)."""
+    provider = FixedProvider("r" * 10)
+    server = with_provider(provider)
+    with signed_in(server.url) as client:
+        conversation_id = chat(client, "tour 00").data("start")["conversation_id"]
+        for n in range(1, 30):
+            assert chat(client, f"tour {n:02}", conversation_id).status == 200
+        before = _mongo_commands(client)
+        assert chat(client, "dernier", conversation_id).status == 200
+        after = _mongo_commands(client)
+    spent = {name: after[name] - before.get(name, 0) for name in after}
+    # A turn: one `update` (its slot); a checkpoint, if the turn spanned one, one `update` and one `find`.
+    history_finds = spent.get("find", 0) - (spent.get("update", 0) - 1)
+    assert history_finds == 1
+    sent = [m.content for m in provider.requests[-1].messages[1:]]  # after the system prompt
+    assert sent == [c for n in range(30) for c in (f"tour {n:02}", "r" * 10)] + ["dernier"]
+
+
+def _mongo_commands(client: httpx.Client) -> dict[str, float]:
+    text = client.get("/metrics").text
+    return {
+        match[1]: float(match[2])
+        for match in re.finditer(r'^innova_mongo_commands_total\{command="([^"]+)"\} (\S+)$', text, re.M)
+    }
 
 
 def test_rate_limit_is_429_with_retry_after_before_the_stream(start_server, db):

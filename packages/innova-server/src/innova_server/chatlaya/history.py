@@ -3,6 +3,12 @@
 The branch is read newest first, a batch of ids at a time, and reading stops
 once the character budget (`CHAT_HISTORY_CHARS`) is spent: a long
 conversation costs one round trip, not a read of everything it holds.
+
+The first batch (`HISTORY_BATCH` ids) comes with the conversation itself. When
+it does not fill the budget — a long conversation of short messages — the
+next batch is sized from the lengths just read, so that one more round trip
+usually completes the history rather than one per 24 messages: that round
+runs beside the turn's writes and so adds no waiting before the first token.
 """
 
 from __future__ import annotations
@@ -12,8 +18,11 @@ from collections.abc import Awaitable, Callable, Sequence
 from innova_server.chat import ChatMessage
 from innova_server.chatlaya.messages import MessageRecord
 
-# Ids read per round trip, newest first.
+# Ids read with the conversation (the first batch), newest first.
 HISTORY_BATCH = 24
+# The most ids one later round trip asks for (a bound on one reply's size
+# whatever the messages' lengths).
+HISTORY_MAX_BATCH = 200
 
 
 def build_history(
@@ -55,8 +64,9 @@ async def read_branch(
     newest_first: list[MessageRecord] = []
     used = 0
     index = len(path)
+    size = HISTORY_BATCH
     while index > 0:
-        batch = list(path[max(0, index - HISTORY_BATCH) : index])
+        batch = list(path[max(0, index - size) : index])
         index -= len(batch)
         records = await fetch(batch)
         for message_id in reversed(batch):
@@ -70,7 +80,18 @@ async def read_branch(
             used += len(record.content)
         if prompt is not None and used + len(prompt) > budget_chars:
             break
+        size = next_batch_size(budget_chars - used - len(prompt or ""), used, len(newest_first))
     return newest_first, prompt or ""
+
+
+def next_batch_size(remaining_chars: int, used_chars: int, messages_read: int) -> int:
+    """Ids to ask for next: enough, at the mean length read so far (and a quarter more), to spend
+    `remaining_chars`; between `HISTORY_BATCH` and `HISTORY_MAX_BATCH`."""
+    mean = max(1.0, used_chars / messages_read) if messages_read else None
+    if mean is None:
+        return HISTORY_BATCH
+    wanted = int(remaining_chars * 1.25 / mean) + 1
+    return max(HISTORY_BATCH, min(HISTORY_MAX_BATCH, wanted))
 
 
 class Prefetched:
@@ -100,4 +121,4 @@ class Prefetched:
         return records
 
 
-__all__ = ["HISTORY_BATCH", "Prefetched", "build_history", "read_branch"]
+__all__ = ["HISTORY_BATCH", "HISTORY_MAX_BATCH", "Prefetched", "build_history", "next_batch_size", "read_branch"]
