@@ -8,7 +8,8 @@ readiness probe) and `/health/live` (liveness) are polled every 50 ms.
 
 Reports: streams completed and errors, when the last one opened (its `start`
 event) after the burst was fired, the worker's RSS growth (psutil), and the
-probes' latency percentiles during the burst.
+probes' latency percentiles during the burst, and the CPU seconds the worker
+and the database spent on it.
 
 The streams are read with a minimal HTTP/1.1 client on raw asyncio sockets,
 not httpx: a thousand httpx-sse streams cost the load generator more CPU than
@@ -121,8 +122,9 @@ def probe_summary(latencies: list[float], failures: list[str]) -> dict[str, Any]
     }
 
 
-async def burst(url: str, port: int, server_pid: int, streams: int, users: int) -> dict[str, Any]:
+async def burst(url: str, port: int, server_pid: int, database_pid: int, streams: int, users: int) -> dict[str, Any]:
     worker = psutil.Process(server_pid)
+    database = psutil.Process(database_pid)
     cookies = [register(url, f"burst{i}@example.com")["innova_session"] for i in range(users)]
     body = json.dumps({"content": words(30)}).encode()
     # Returning users: each has had a conversation (its first message, which
@@ -152,10 +154,12 @@ async def burst(url: str, port: int, server_pid: int, streams: int, users: int) 
     watcher = asyncio.create_task(watch_rss())
     commands_before = commands_by_name(url)
     cpu_before = worker.cpu_times()
+    database_cpu_before = database.cpu_times()
     fired = time.perf_counter()
     results = await asyncio.gather(*(raw_stream(port, cookies[i % users], body, fired) for i in range(streams)))
     elapsed = time.perf_counter() - fired
     cpu_after = worker.cpu_times()
+    database_cpu_after = database.cpu_times()
     stop.set()
     await asyncio.gather(*probes, watcher)
     commands = {
@@ -178,6 +182,7 @@ async def burst(url: str, port: int, server_pid: int, streams: int, users: int) 
         "rss_peak_mb": round(peak_rss / 2**20, 1),
         "rss_growth_mb": round((peak_rss - rss_idle) / 2**20, 1),
         "server_cpu_s": round(sum(cpu_after[:2]) - sum(cpu_before[:2]), 2),
+        "database_cpu_s": round(sum(database_cpu_after[:2]) - sum(database_cpu_before[:2]), 2),
         "mongo_commands": commands,
         "mongo_commands_per_stream": round(sum(commands.values()) / streams, 2),
         "health_ready": probe_summary(ready, ready_failures),
@@ -188,7 +193,7 @@ async def burst(url: str, port: int, server_pid: int, streams: int, users: int) 
         f"{result['all_opened_within_s']} s (p50 {result['opened_p50_s']} s), RSS +{result['rss_growth_mb']} MB; "
         f"/health p99 {result['health_ready']['p99_ms']} ms ({result['health_ready']['failures']} failures), "
         f"/health/live p99 {result['health_live']['p99_ms']} ms; {result['mongo_commands_per_stream']} MongoDB commands"
-        f" per stream {commands}"
+        f" per stream {commands}; CPU: server {result['server_cpu_s']} s, database {result['database_cpu_s']} s"
     )
     return result
 
@@ -205,7 +210,8 @@ def main() -> int:
         url = f"http://127.0.0.1:{port}"
         try:
             wait_until_healthy(url, process=server)
-            results = asyncio.run(burst(url, port, server.pid, args.streams, args.users))
+            assert mongo.process is not None
+            results = asyncio.run(burst(url, port, server.pid, mongo.process.pid, args.streams, args.users))
         finally:
             server.terminate()
             server.wait(60)
