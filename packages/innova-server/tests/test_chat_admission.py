@@ -61,12 +61,29 @@ async def test_the_window_slides_a_message_is_admitted_once_the_oldest_left_it(s
     assert isinstance(first, Slot) and isinstance(second, Slot)
     refused = await slots.acquire("chat:s", 10, rate=rate)
     assert isinstance(refused, RateLimited) and 1 <= refused.retry_after <= 60
-    # The oldest message was sent 61 s ago (moved back in time): one more fits, not two.
+    # The oldest message (the log is newest first) was sent 61 s ago: one more fits, not two.
     now = utcnow()
-    db.stream_slots.update_one({"_id": "chat:s"}, {"$set": {"sent.0": now - timedelta(seconds=61)}})
+    db.stream_slots.update_one({"_id": "chat:s"}, {"$set": {"sent.1": now - timedelta(seconds=61)}})
     assert isinstance(await slots.acquire("chat:s", 10, rate=rate), Slot)
     assert isinstance(await slots.acquire("chat:s", 10, rate=rate), RateLimited)
-    assert len(db.stream_slots.find_one({"_id": "chat:s"})["sent"]) == 2
+    sent = db.stream_slots.find_one({"_id": "chat:s"})["sent"]
+    assert len(sent) == 2 and sent == sorted(sent, reverse=True)
+
+
+async def test_a_log_written_oldest_first_is_turned_around_and_still_admits(slots, db):
+    """The previous version kept the log oldest first: a full one whose oldest left the window
+    admits (not a false 'all slots held'), and one whose oldest is still in it is rate-limited."""
+    rate = RateLimit(2, 60)
+    now = utcnow()
+    db.stream_slots.insert_many([
+        {"_id": "chat:old", "holders": [], "sent": [now - timedelta(seconds=90), now - timedelta(seconds=2)]},
+        {"_id": "chat:busy", "holders": [], "sent": [now - timedelta(seconds=30), now - timedelta(seconds=2)]},
+    ])
+    assert isinstance(await slots.acquire("chat:old", 10, rate=rate), Slot)
+    sent = db.stream_slots.find_one({"_id": "chat:old"})["sent"]
+    assert len(sent) == 2 and sent == sorted(sent, reverse=True) and sent[1] > now - timedelta(seconds=3)
+    refused = await slots.acquire("chat:busy", 10, rate=rate)
+    assert isinstance(refused, RateLimited) and 29 <= refused.retry_after <= 31
 
 
 async def test_a_slot_whose_lease_ran_out_is_taken_over(slots, db):
