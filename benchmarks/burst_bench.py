@@ -155,11 +155,13 @@ async def burst(url: str, port: int, server_pid: int, database_pid: int, streams
     commands_before = commands_by_name(url)
     cpu_before = worker.cpu_times()
     database_cpu_before = database.cpu_times()
+    client_cpu_before = psutil.Process().cpu_times()
     fired = time.perf_counter()
     results = await asyncio.gather(*(raw_stream(port, cookies[i % users], body, fired) for i in range(streams)))
     elapsed = time.perf_counter() - fired
     cpu_after = worker.cpu_times()
     database_cpu_after = database.cpu_times()
+    client_cpu_after = psutil.Process().cpu_times()
     stop.set()
     await asyncio.gather(*probes, watcher)
     commands = {
@@ -183,6 +185,9 @@ async def burst(url: str, port: int, server_pid: int, database_pid: int, streams
         "rss_growth_mb": round((peak_rss - rss_idle) / 2**20, 1),
         "server_cpu_s": round(sum(cpu_after[:2]) - sum(cpu_before[:2]), 2),
         "database_cpu_s": round(sum(database_cpu_after[:2]) - sum(database_cpu_before[:2]), 2),
+        # The load generator shares the cores: what it took is not the server's.
+        "client_cpu_s": round(sum(client_cpu_after[:2]) - sum(client_cpu_before[:2]), 2),
+        "cores": psutil.cpu_count(),
         "mongo_commands": commands,
         "mongo_commands_per_stream": round(sum(commands.values()) / streams, 2),
         "health_ready": probe_summary(ready, ready_failures),
@@ -193,7 +198,8 @@ async def burst(url: str, port: int, server_pid: int, database_pid: int, streams
         f"{result['all_opened_within_s']} s (p50 {result['opened_p50_s']} s), RSS +{result['rss_growth_mb']} MB; "
         f"/health p99 {result['health_ready']['p99_ms']} ms ({result['health_ready']['failures']} failures), "
         f"/health/live p99 {result['health_live']['p99_ms']} ms; {result['mongo_commands_per_stream']} MongoDB commands"
-        f" per stream {commands}; CPU: server {result['server_cpu_s']} s, database {result['database_cpu_s']} s"
+        f" per stream {commands}; CPU: server {result['server_cpu_s']} s, database {result['database_cpu_s']} s,"
+        f" load generator {result['client_cpu_s']} s over {result['elapsed_s']} s on {result['cores']} cores"
     )
     return result
 
