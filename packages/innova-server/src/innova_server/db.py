@@ -13,7 +13,7 @@ import time
 from typing import Any
 
 import pymongo
-from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, IndexModel, ReadPreference, ReturnDocument, UpdateOne
+from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, IndexModel, ReadPreference, ReturnDocument
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError, PyMongoError
@@ -232,9 +232,7 @@ class Database:
         await self.client.close()
 
 
-async def update_if(
-    collection: AsyncCollection[Document], query: Document, update: Document, *, writes: WriteBatcher | None = None
-) -> bool:
+async def update_if(collection: AsyncCollection[Document], query: Document, update: Document) -> bool:
     """`update_one(query, update, upsert=True)` for a conditional write: True when it applied.
 
     An `update_one`, not a `findAndModify`, for writes whose answer is only
@@ -245,17 +243,7 @@ async def update_if(
     create it get the same. So a DuplicateKeyError is no answer: the same
     update is sent again without upsert, and only a miss of *that* means the
     condition does not hold.
-
-    With `writes`, the update goes with the other writes of its loop
-    iteration (`WriteBatcher.matched`): each is still its own atomic,
-    conditional operation, and a burst's admissions cost one command.
     """
-    if writes is not None:
-        namespace = collection.full_name
-        try:
-            return await writes.matched(UpdateOne(query, update, upsert=True, namespace=namespace)) == 1
-        except DuplicateKeyError:
-            return await writes.matched(UpdateOne(query, update, namespace=namespace)) == 1
     try:
         result = await collection.update_one(query, update, upsert=True)
         return result.matched_count == 1 or result.upserted_id is not None

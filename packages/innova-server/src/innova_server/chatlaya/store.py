@@ -408,7 +408,7 @@ class StreamSlots:
             # The document (and its log of events) outlives the rate's window, not only the leases.
             expires_at = max(expires_at, now + timedelta(seconds=rate.seconds))
         update["$max"] = {"expires_at": expires_at}
-        return await update_if(self.collection, query, update, writes=self._writes)
+        return await update_if(self.collection, query, update)
 
     @staticmethod
     def _log(rate: RateLimit, *events: datetime) -> dict[str, Any]:
