@@ -94,3 +94,14 @@ async def test_a_slot_whose_lease_ran_out_is_taken_over(slots, db):
     db.stream_slots.update_one({"_id": "chat:c"}, {"$set": {"holders.0.expires_at": utcnow() - timedelta(seconds=1)}})
     assert isinstance(await slots.acquire("chat:c", 1), Slot)
     assert [holder["id"] for holder in db.stream_slots.find_one({"_id": "chat:c"})["holders"]] != [crashed.id]
+
+
+async def test_a_log_longer_than_the_count_is_judged_by_its_newest_events(slots, db):
+    """Just after the count was lowered, the log is longer than it: the newest `count` decide, and a
+    refusal says when the oldest of *those* leaves the window."""
+    now = utcnow()
+    sent = [now - timedelta(seconds=s) for s in (1, 10, 90, 100)]  # newest first, 2 within the minute
+    db.stream_slots.insert_one({"_id": "chat:lowered", "holders": [], "sent": sent})
+    refused = await slots.acquire("chat:lowered", 10, rate=RateLimit(2, 60))
+    assert isinstance(refused, RateLimited) and 49 <= refused.retry_after <= 51
+

@@ -382,8 +382,10 @@ class StreamSlots:
             # Refused: why? One read, on the refusal path only.
             doc = await self.collection.find_one({"_id": key}) or {}
             sent: list[datetime] = doc.get("sent") or []
-            if rate is not None and len(sent) >= rate.count and min(sent) > now - timedelta(seconds=rate.seconds):
-                waited = (min(sent) + timedelta(seconds=rate.seconds) - now).total_seconds()
+            # What the rate counts: the newest `rate.count` (the log is longer just after the count was lowered).
+            counted = sorted(sent, reverse=True)[: rate.count] if rate is not None else []
+            if rate is not None and len(counted) == rate.count and counted[-1] > now - timedelta(seconds=rate.seconds):
+                waited = (counted[-1] + timedelta(seconds=rate.seconds) - now).total_seconds()
                 return RateLimited(max(1, math.ceil(waited)))
             if rate is not None and sent != sorted(sent, reverse=True):
                 # A log written oldest first (before this order): put it newest first, then try again.
