@@ -68,8 +68,9 @@ class EmbeddedMongo:
         scans them all on each write, sorting them once the cap is reached:
         measured here, one `update_one` cost 3.6 ms on a fresh database and
         21 ms after 10 000 writes, against a flat 2.3–2.8 ms with
-        `retryWrites=false`. A busy hour of chat (≈8 writes per reply) would
-        reach that cap. MongoDB itself (`MONGO_URI`) keeps the driver's default.
+        `retryWrites=false`. A reply sends at least three write commands (its
+        slot, its messages, its end), so ~3 000 replies in half an hour reach
+        the cap. MongoDB itself (`MONGO_URI`) keeps the driver's default.
         """
         return f"mongodb://127.0.0.1:{self.port}/?directConnection=true&retryWrites=false"
 
