@@ -4,7 +4,8 @@ What a load balancer and a front end see when a host gets a burst: every
 stream is a `POST /chatlaya/message` sent at the same instant (30 words, one
 every ECHO_DELAY_MS=100 ms, so each stays open ~3 s) by returning users (each
 has sent one message before: the burst does not create their conversations), while `/health` (the
-readiness probe) and `/health/live` (liveness) are polled every 50 ms.
+readiness probe) and `/health/live` (liveness) are polled every 50 ms, each from a
+process of its own (as a balancer would, not from the load generator's loop).
 
 Reports: streams completed and errors, when the last one opened (its `start`
 event) after the burst was fired, the worker's RSS growth (psutil), and the
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import re
 import tempfile
 import time
@@ -90,20 +92,58 @@ async def raw_stream(port: int, cookie: str, body: bytes, fired: float) -> Strea
         writer.close()
 
 
-async def probe(url: str, path: str, stop: asyncio.Event, out: list[float], failures: list[str]) -> None:
-    """GET `path` every 50 ms on a fresh connection (as a balancer does); latencies in seconds."""
-    async with httpx.AsyncClient(base_url=url, timeout=30, limits=httpx.Limits(max_keepalive_connections=0)) as c:
-        while not stop.is_set():
-            started = time.perf_counter()
-            try:
-                response = await c.get(path)
-                out.append(time.perf_counter() - started)
-                if response.status_code != 200:
-                    failures.append(str(response.status_code))
-            except httpx.HTTPError as error:
-                out.append(time.perf_counter() - started)
-                failures.append(type(error).__name__)
-            await asyncio.sleep(0.05)
+class Prober:
+    """GET `path` every 50 ms on a fresh connection, from a process of its own, as a balancer does.
+
+    Not from the load generator's event loop: there, a probe's latency would
+    include the generator's own waits (a thousand streams waking at once),
+    which no balancer suffers. Latencies (seconds) count while `recording`.
+    """
+
+    def __init__(self, url: str, path: str) -> None:
+        context = multiprocessing.get_context("spawn")
+        self.recording = context.Event()
+        self._stop = context.Event()
+        self._receive, send = context.Pipe(duplex=False)
+        self._process = context.Process(
+            target=_probe_process, args=(url, path, self.recording, self._stop, send), daemon=True
+        )
+        self._process.start()
+
+    def finish(self) -> tuple[list[float], list[str], list[float]]:
+        """Latencies, failures, and the loop lags the worker reported (`/health/live` says it)."""
+        self._stop.set()
+        latencies, failures, lags = self._receive.recv()
+        self._process.join(10)
+        return latencies, failures, lags
+
+
+def _probe_process(url: str, path: str, recording: Any, stop: Any, send: Any) -> None:
+    latencies: list[float] = []
+    failures: list[str] = []
+    lags: list[float] = []
+
+    async def run() -> None:
+        limits = httpx.Limits(max_keepalive_connections=0)
+        async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits) as client:
+            while not stop.is_set():
+                started = time.perf_counter()
+                try:
+                    response = await client.get(path)
+                    failure = None if response.status_code == 200 else str(response.status_code)
+                    lag = response.json().get("loop_lag_ms") if failure is None else None
+                except httpx.HTTPError as error:
+                    failure, lag = type(error).__name__, None
+                if recording.is_set():
+                    latencies.append(time.perf_counter() - started)
+                    if failure:
+                        failures.append(failure)
+                    if lag is not None:
+                        lags.append(lag / 1000)
+                await asyncio.sleep(0.05)
+
+    asyncio.run(run())
+    send.send((latencies, failures, lags))
 
 
 def commands_by_name(url: str) -> dict[str, float]:
@@ -133,16 +173,10 @@ async def burst(url: str, port: int, server_pid: int, database_pid: int, streams
     await asyncio.gather(*(raw_stream(port, cookie, warm, time.perf_counter()) for cookie in cookies))
     rss_idle = worker.memory_info().rss
     stop = asyncio.Event()
-    ready: list[float] = []
-    live: list[float] = []
-    ready_failures: list[str] = []
-    live_failures: list[str] = []
-    probes = [
-        asyncio.create_task(probe(url, "/health", stop, ready, ready_failures)),
-        asyncio.create_task(probe(url, "/health/live", stop, live, live_failures)),
-    ]
-    await asyncio.sleep(0.5)
-    ready.clear(), live.clear(), ready_failures.clear(), live_failures.clear()
+    probes = [Prober(url, "/health"), Prober(url, "/health/live")]
+    await asyncio.sleep(2)  # the probers' interpreters start, and their first probes warm up
+    for prober in probes:
+        prober.recording.set()
     peak_rss = rss_idle
 
     async def watch_rss() -> None:
@@ -163,7 +197,8 @@ async def burst(url: str, port: int, server_pid: int, database_pid: int, streams
     database_cpu_after = database.cpu_times()
     client_cpu_after = psutil.Process().cpu_times()
     stop.set()
-    await asyncio.gather(*probes, watcher)
+    await watcher
+    (ready, ready_failures, _), (live, live_failures, lags) = (prober.finish() for prober in probes)
     commands = {
         name: int(count - commands_before.get(name, 0))
         for name, count in commands_by_name(url).items()
@@ -192,12 +227,15 @@ async def burst(url: str, port: int, server_pid: int, database_pid: int, streams
         "mongo_commands_per_stream": round(sum(commands.values()) / streams, 2),
         "health_ready": probe_summary(ready, ready_failures),
         "health_live": probe_summary(live, live_failures),
+        # The worker's own event-loop lag, as its last monitor tick measured it (what /health/live reports).
+        "worker_loop_lag": probe_summary(lags, []),
     }
     print(
         f"burst of {streams} streams: completed {result['completed']}, errors {result['errors']}, all opened within "
         f"{result['all_opened_within_s']} s (p50 {result['opened_p50_s']} s), RSS +{result['rss_growth_mb']} MB; "
         f"/health p99 {result['health_ready']['p99_ms']} ms ({result['health_ready']['failures']} failures), "
-        f"/health/live p99 {result['health_live']['p99_ms']} ms; {result['mongo_commands_per_stream']} MongoDB commands"
+        f"/health/live p99 {result['health_live']['p99_ms']} ms (the worker's loop lag p99 "
+        f"{result['worker_loop_lag']['p99_ms']} ms); {result['mongo_commands_per_stream']} MongoDB commands"
         f" per stream {commands}; CPU: server {result['server_cpu_s']} s, database {result['database_cpu_s']} s,"
         f" load generator {result['client_cpu_s']} s over {result['elapsed_s']} s on {result['cores']} cores"
     )
