@@ -114,7 +114,9 @@ def seed_messages(db, user_id: ObjectId, count: int) -> None:
 
 def peak_growth_of_export(server, db, email: str, messages: int) -> tuple[int, int]:
     """(peak bytes the process allocated above its baseline during the export, body size)."""
-    with signed_in(server.url, email) as client:
+    # A new connection per request: seeding 10 000 messages can outlast the server's keep-alive
+    # (uvicorn's 5 s), and a request sent on a connection the server is closing is reset.
+    with signed_in(server.url, email, limits=httpx.Limits(max_keepalive_connections=0)) as client:
         seed_messages(db, db.users.find_one({"email": email})["_id"], messages)
         export(client)  # warm up: imports, connection pool, caches
         gc.collect()
