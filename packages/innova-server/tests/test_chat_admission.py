@@ -104,4 +104,3 @@ async def test_a_log_longer_than_the_count_is_judged_by_its_newest_events(slots,
     db.stream_slots.insert_one({"_id": "chat:lowered", "holders": [], "sent": sent})
     refused = await slots.acquire("chat:lowered", 10, rate=RateLimit(2, 60))
     assert isinstance(refused, RateLimited) and 49 <= refused.retry_after <= 51
-

@@ -381,16 +381,17 @@ class StreamSlots:
                 break
             # Refused: why? One read, on the refusal path only.
             doc = await self.collection.find_one({"_id": key}) or {}
-            sent: list[datetime] = doc.get("sent") or []
-            # What the rate counts: the newest `rate.count` (the log is longer just after the count was lowered).
-            counted = sorted(sent, reverse=True)[: rate.count] if rate is not None else []
-            if rate is not None and len(counted) == rate.count and counted[-1] > now - timedelta(seconds=rate.seconds):
-                waited = (counted[-1] + timedelta(seconds=rate.seconds) - now).total_seconds()
-                return RateLimited(max(1, math.ceil(waited)))
-            if rate is not None and sent != sorted(sent, reverse=True):
-                # A log written oldest first (before this order): put it newest first, then try again.
-                await self.collection.update_one({"_id": key}, {"$push": {"sent": self._log(rate)}})
-                continue
+            if rate is not None:
+                sent: list[datetime] = doc.get("sent") or []
+                newest = sorted(sent, reverse=True)
+                # What the rate counts: the newest `rate.count` (the log is longer just after the count was lowered).
+                if len(newest) >= rate.count and newest[rate.count - 1] > now - timedelta(seconds=rate.seconds):
+                    waited = (newest[rate.count - 1] + timedelta(seconds=rate.seconds) - now).total_seconds()
+                    return RateLimited(max(1, math.ceil(waited)))
+                if sent != newest:
+                    # A log written oldest first (before this order): put it newest first, then try again.
+                    await self.collection.update_one({"_id": key}, {"$push": {"sent": self._log(rate)}})
+                    continue
             holders = doc.get("holders") or []
             if sum(1 for holder in holders if holder["expires_at"] > now) >= capacity:
                 return None
