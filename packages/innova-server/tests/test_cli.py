@@ -63,6 +63,28 @@ def test_asgi_module_exits_3_on_bad_config_for_gunicorn(tmp_path):
     assert "innova: configuration error: MONGO_URI is not set" in result.stderr
 
 
+def test_the_asgi_module_tunes_the_workers_garbage_collector_and_create_app_does_not(tmp_path, mongo_uri):
+    """The production entry point freezes the startup heap and makes full collections rarer (gctuning.py);
+    an app built by `create_app` alone (tests, embedding) leaves the process's collector as it was."""
+    probe = (
+        "import gc, sys; from innova_server.app import create_app; create_app(); "
+        "print(gc.get_freeze_count(), gc.get_threshold()[2]); "
+        "import innova_server.asgi; print(gc.get_freeze_count(), gc.get_threshold()[2])"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe],
+        cwd=tmp_path,
+        env={**CLEAN_ENV, "ENV": "development", "MONGO_URI": mongo_uri, "LOG_LEVEL": "warning"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    before, after = (line.split() for line in result.stdout.strip().splitlines()[-2:])
+    assert before == ["0", "10"]
+    assert int(after[0]) > 10_000 and after[1] == "100"
+
+
 SAFE_PRODUCTION_ENV = {"ENV": "production", "ALLOWED_ORIGINS": "https://innovaplus.africa", "SMTP_HOST": "smtp.example"}
 BAD_URIS = ["http://x", "mongodb://u:p@ss@h/", "mongodb://h:99999"]
 

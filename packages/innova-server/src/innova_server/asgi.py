@@ -8,6 +8,9 @@ of respawning forever.
 whose console mailer logs every password-reset link — a production server
 started without it would hand any account to whoever reads its logs. So this
 entry point refuses to guess (`innova serve` is the development entry point).
+
+It is also the one place the worker's garbage collector is tuned for serving
+(`gctuning`): a test process, which builds many apps, keeps CPython's defaults.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import os
 import sys
 
 from innova_server.app import create_app
+from innova_server.gctuning import tune_for_serving
 from innova_server.logconfig import configure_logging, stream_is_journal
 from innova_server.settings import ConfigError
 
@@ -29,6 +33,7 @@ try:
         )
     configure_logging()
     app = create_app()
+    tune_for_serving()  # after the app is built: see gctuning.py
 except ConfigError as error:
     priority = "<3>" if stream_is_journal(sys.stderr) else ""  # journald: priority err
     for line in error.lines:
