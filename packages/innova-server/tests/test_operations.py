@@ -57,6 +57,7 @@ def test_liveness_answers_before_the_app_with_the_loop_lag(server):
     body = live.json()
     assert body["status"] == "ok" and body["version"] == __version__
     assert body["loop_lag_ms"] >= 0 and body["replies_generating"] == 0 and body["turns_waiting_to_open"] == 0
+    assert body["requests_waiting_to_start"] == 0
     assert httpx.head(f"{server.url}/health/live").status_code == 200
     # Only GET/HEAD are the probe; anything else reaches the app, which has no such route.
     assert httpx.post(f"{server.url}/health/live").status_code in (404, 405)

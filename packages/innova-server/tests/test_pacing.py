@@ -128,7 +128,7 @@ def test_the_exempt_paths_pass_while_a_burst_is_queued():
         async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
             reached[scope["path"]].append(ticker.iteration)
 
-        pacer = RequestPacer(app, per_iteration=4, exempt=frozenset({"/health"}))
+        pacer = RequestPacer(app, gate=IterationGate(per_iteration=4), exempt=frozenset({"/health"}))
 
         async def call(path: str) -> None:
             await pacer({"type": "http", "path": path}, None, None)
@@ -153,6 +153,7 @@ def test_the_app_paces_every_request_but_the_probes(settings):
     pacers = [m for m in app.user_middleware if m.cls is RequestPacer]
     assert len(pacers) == 1
     assert pacers[0].kwargs["exempt"] == frozenset({"/health"})
+    assert pacers[0].kwargs["gate"] is app.state.request_gate  # what /health/live reports
     # Inside the metrics middleware (its latency includes the wait), outside everything else.
     names = [m.cls.__name__ for m in app.user_middleware]
     assert names.index("MetricsMiddleware") < names.index("RequestPacer") < names.index("CORSMiddleware")

@@ -24,7 +24,7 @@ from innova_server.auth.router import build_router as build_auth_router
 from innova_server.chatlaya.router import build_router as build_chat_router
 from innova_server.errors import ErrorCode, error_body, install_error_handlers
 from innova_server.guards import BodySizeLimitMiddleware, CSRFOriginMiddleware
-from innova_server.pacing import RequestPacer
+from innova_server.pacing import IterationGate, RequestPacer
 from innova_server.plugins import PluginRegistry
 from innova_server.services import Services, build_services
 from innova_server.settings import ConfigError, Settings, load_settings
@@ -130,7 +130,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         max_age=600,
     )
     # A burst starts a few requests per loop iteration; the readiness probe is not paced (see pacing.py).
-    app.add_middleware(RequestPacer, exempt=frozenset({"/health"}))
+    app.state.request_gate = gate = IterationGate()
+    app.add_middleware(RequestPacer, gate=gate, exempt=frozenset({"/health"}))
     app.add_middleware(metrics.MetricsMiddleware)
     # Outermost: liveness is answered before anything else runs (see health.py).
     app.add_middleware(health.LivenessProbe)

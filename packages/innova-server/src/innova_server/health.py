@@ -10,7 +10,8 @@ service exactly when it was busiest.
 - **Liveness** (`/health/live`) is answered at the outermost layer of the app,
   before any middleware, with no database and no I/O: it proves the process
   and its event loop turn. It reports the loop's lag (how late a timer fires),
-  the replies this process is generating and the turns waiting to open. Use it
+  the replies this process is generating, the turns waiting to open and the
+  requests waiting to start (`pacing.py`). Use it
   for restarts (systemd, a container runtime): restarting a busy host helps no one.
 - **Readiness** (`/health`) is 200 while the database answered this worker's
   most recent ping, at most `STALE_AFTER` seconds ago; 503 otherwise. The pings
@@ -133,6 +134,7 @@ class LivenessProbe:
                 "loop_lag_ms": round(services.health.loop_lag * 1000, 1),
                 "replies_generating": len(services.turns),
                 "turns_waiting_to_open": services.openings.waiting,
+                "requests_waiting_to_start": scope["app"].state.request_gate.waiting,
             }
         ).encode()
         await send(

@@ -16,7 +16,8 @@ changes is that nothing else waits half a second for the loop. The probes are
 not paced: `/health/live` is answered before this middleware, and `/health`
 is exempt, so both still answer during the burst they are there to survive.
 
-The wait is inside `MetricsMiddleware`, so the latency histogram includes it.
+The wait is inside `MetricsMiddleware`, so the latency histogram includes it,
+and `/health/live` reports how many requests are waiting to start.
 """
 
 from __future__ import annotations
@@ -97,11 +98,11 @@ class RequestPacer:
     """ASGI middleware: every HTTP request but the exempt paths passes an `IterationGate` before anything else."""
 
     def __init__(
-        self, app: ASGIApp, *, per_iteration: int = PER_ITERATION, exempt: frozenset[str] = frozenset()
+        self, app: ASGIApp, *, gate: IterationGate | None = None, exempt: frozenset[str] = frozenset()
     ) -> None:
         self.app = app
         self.exempt = exempt
-        self.gate = IterationGate(per_iteration)
+        self.gate = gate if gate is not None else IterationGate()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"] not in self.exempt:
