@@ -3,7 +3,7 @@
 CPython's full (generation 2) collection walks every tracked object the
 process holds, with the GIL held: nothing else runs meanwhile, the event loop
 and its probes included. A worker holding a burst of 1 000 chat streams has
-≈ 290 000 tracked objects (≈ 110 000 of them the imported code and the app,
+≈ 290 000 tracked objects (≈ 108 000 of them the imported code and the app,
 ≈ 160 per request in flight: coroutines of the middleware stack, closures,
 headers), and its full collections took 115–297 ms, four to six of them
 during one burst; almost all of them found no garbage at all.
