@@ -43,8 +43,9 @@ class IterationGate:
         self.per_iteration = per_iteration
         self._passed = 0  # passes granted since the last turn of the loop
         self._waiters: deque[asyncio.Future[None]] = deque()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._turn_scheduled = False
+        # The loop a turn is due on; None when idle. A pass granted or a
+        # waiter queued always has a turn due, so None means a clean state.
+        self._turn_due_on: asyncio.AbstractEventLoop | None = None
 
     @property
     def waiting(self) -> int:
@@ -52,17 +53,16 @@ class IterationGate:
 
     async def enter(self) -> None:
         loop = asyncio.get_running_loop()
-        if loop is not self._loop:
-            # First use, or an app served again on a new loop (tests): a turn
-            # scheduled on a closed loop would never run, so start afresh.
-            self._loop, self._passed, self._waiters, self._turn_scheduled = loop, 0, deque(), False
+        if self._turn_due_on is not None and self._turn_due_on is not loop:
+            # That loop stopped before its turn ran (an app served again on a
+            # new loop, in tests): what waited there waits no more.
+            self._passed, self._waiters, self._turn_due_on = 0, deque(), None
+        self._schedule_turn(loop)
         if not self._waiters and self._passed < self.per_iteration:
             self._passed += 1
-            self._schedule_turn(loop)
             return
         waiter: asyncio.Future[None] = loop.create_future()
         self._waiters.append(waiter)
-        self._schedule_turn(loop)
         try:
             await waiter
         except asyncio.CancelledError:
@@ -74,15 +74,17 @@ class IterationGate:
             raise
 
     def _schedule_turn(self, loop: asyncio.AbstractEventLoop) -> None:
-        if not self._turn_scheduled:
-            self._turn_scheduled = True
+        if self._turn_due_on is None:
+            self._turn_due_on = loop
             # `call_soon` from inside a callback runs in the *next* iteration:
             # the callbacks of this one are already counted.
-            loop.call_soon(self._turn)
+            loop.call_soon(self._turn, loop)
 
-    def _turn(self) -> None:
+    def _turn(self, loop: asyncio.AbstractEventLoop) -> None:
         """Once per iteration while there is traffic: a fresh allowance, handed to the oldest waiters first."""
-        self._turn_scheduled = False
+        if loop is not self._turn_due_on:
+            return  # due on a loop the gate has since left
+        self._turn_due_on = None
         self._passed = 0
         while self._waiters and self._passed < self.per_iteration:
             waiter = self._waiters.popleft()
@@ -90,8 +92,8 @@ class IterationGate:
                 continue
             waiter.set_result(None)
             self._passed += 1
-        if (self._waiters or self._passed) and self._loop is not None and not self._loop.is_closed():
-            self._schedule_turn(self._loop)
+        if self._waiters or self._passed:
+            self._schedule_turn(loop)
 
 
 class RequestPacer:
