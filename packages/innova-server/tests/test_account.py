@@ -19,6 +19,7 @@ from innova_server.auth.tokens import hash_token
 from innova_server.testing.accounts import plant_reset_token
 from innova_server.testing.chat_client import PASSWORD, signed_in
 from innova_server.testing.mailbox import PASSWORD_CHANGED, text_of, wait_for_mails
+from innova_server.testing.server import start_of_a_fresh_window
 
 NEW_PASSWORD = "un tout nouveau mot de passe"
 EVIL = {"Origin": "https://evil.example"}
@@ -111,6 +112,7 @@ def test_wrong_current_password_is_403_and_changes_nothing(server, db):
 
 def test_a_wrong_current_password_counts_as_a_failed_login(start_server):
     server = start_server(rate_limit_login_email="3/15m")
+    start_of_a_fresh_window(15 * 60)
     email = "guesser@example.com"
     with signed_in(server.url, email) as client:
         codes = [change(client, current=f"guess number {i}").status_code for i in range(4)]
@@ -124,6 +126,7 @@ def test_a_wrong_current_password_counts_as_a_failed_login(start_server):
 
 def test_a_right_current_password_does_not_use_up_the_window(start_server):
     server = start_server(rate_limit_login_email="2/15m")
+    start_of_a_fresh_window(15 * 60)
     email = "often@example.com"
     with signed_in(server.url, email) as client:
         passwords = [PASSWORD, *(f"{NEW_PASSWORD} {i}" for i in range(4))]

@@ -36,7 +36,7 @@ from innova_server.db import Database
 from innova_server.ratelimit import limit_key
 from innova_server.testing.chat_client import PASSWORD, chat, signed_in
 from innova_server.testing.mailbox import ACCOUNT_DELETED, VERIFY, sent, text_of, wait_for_mails, wait_idle
-from innova_server.testing.server import wait_for
+from innova_server.testing.server import start_of_a_fresh_window, wait_for
 
 STEP_NAMES = list(STEP_ORDER)
 
@@ -178,6 +178,7 @@ def test_wrong_password_is_403_and_deletes_nothing(server, db):
 
 def test_a_wrong_password_here_counts_as_a_failed_login(start_server, db):
     server = start_server(rate_limit_login_email="2/15m")
+    start_of_a_fresh_window(15 * 60)
     with signed_in(server.url, "brute@example.com") as client:
         codes = [delete_me(client, f"guess {i}").status_code for i in range(3)]
         assert codes == [403, 403, 429]

@@ -17,7 +17,7 @@ from prometheus_client import REGISTRY
 
 from innova_server.auth.passwords import Passwords
 from innova_server.testing.accounts import plant_reset_token
-from innova_server.testing.server import wait_for
+from innova_server.testing.server import start_of_a_fresh_window, wait_for
 
 PASSWORD = "correct horse battery"
 NEW_PASSWORD = "tout nouveau mot de passe"
@@ -200,6 +200,7 @@ async def test_me_and_health_answer_while_a_login_burst_hashes(start_server):
 
 def test_a_per_ip_429_does_not_count_against_the_address(start_server):
     server = start_server(rate_limit_login_ip="2/15m", rate_limit_login_email="3/15m")
+    start_of_a_fresh_window(15 * 60)
     victim = {"email": "victim@example.com", "password": "not the password"}
     with httpx.Client(base_url=server.url) as client:
         noisy = {"X-Forwarded-For": "203.0.113.7"}

@@ -7,6 +7,8 @@ import asyncio
 import httpx
 import pytest
 
+from innova_server.testing.server import start_of_a_fresh_window
+
 PASSWORD = "correct horse battery"
 BODY = {"email": "ada@example.com", "password": PASSWORD}
 
@@ -78,6 +80,7 @@ def test_cors_preflight_and_credentials(server):
 
 def test_cors_exposes_the_headers_the_front_end_reads(start_server):
     server = start_server(rate_limit_login_email="1/15m")
+    start_of_a_fresh_window(15 * 60)
     origin = {"Origin": "http://localhost:3000"}
     with httpx.Client(base_url=server.url, headers=origin) as client:
         client.post("/auth/login", json={**BODY, "password": "wrong password"})
@@ -93,6 +96,7 @@ def test_cors_exposes_the_headers_the_front_end_reads(start_server):
 
 def test_login_is_limited_per_email_with_retry_after(start_server):
     server = start_server(rate_limit_login_email="3/15m")
+    start_of_a_fresh_window(15 * 60)
     with httpx.Client(base_url=server.url) as client:
         client.post("/auth/register", json=BODY)
         for _ in range(3):
@@ -108,6 +112,7 @@ def test_login_is_limited_per_email_with_retry_after(start_server):
 
 def test_successful_logins_do_not_count_as_failures(start_server):
     server = start_server(rate_limit_login_email="3/15m")
+    start_of_a_fresh_window(15 * 60)
     with httpx.Client(base_url=server.url) as client:
         client.post("/auth/register", json=BODY)
         for _ in range(6):
@@ -116,6 +121,7 @@ def test_successful_logins_do_not_count_as_failures(start_server):
 
 async def test_concurrent_failures_never_pass_the_limit(start_server):
     server = start_server(rate_limit_login_email="5/15m")
+    start_of_a_fresh_window(15 * 60)
     async with httpx.AsyncClient(base_url=server.url) as client:
         await client.post("/auth/register", json=BODY)
         responses = await asyncio.gather(
@@ -127,6 +133,7 @@ async def test_concurrent_failures_never_pass_the_limit(start_server):
 
 def test_login_is_limited_per_ip_from_a_trusted_proxy(start_server):
     server = start_server(rate_limit_login_ip="2/15m")
+    start_of_a_fresh_window(15 * 60)
     with httpx.Client(base_url=server.url) as client:
         for n in range(2):
             r = client.post(

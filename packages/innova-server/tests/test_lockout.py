@@ -5,6 +5,7 @@ from __future__ import annotations
 import httpx
 
 from innova_server.testing.chat_client import PASSWORD
+from innova_server.testing.server import start_of_a_fresh_window
 
 EMAIL = "owner@example.com"
 
@@ -15,6 +16,7 @@ def login(client: httpx.Client, password: str, ip: str = "198.51.100.7") -> http
 
 def test_strangers_failing_never_lock_the_owners_browser_out(start_server, db):
     server = start_server(rate_limit_login_email="3/15m", rate_limit_login_ip="5/15m", rate_limit_login_device="4/15m")
+    start_of_a_fresh_window(15 * 60)
     with httpx.Client(base_url=server.url) as browser:
         assert browser.post("/auth/register", json={"email": EMAIL, "password": PASSWORD}).status_code == 201
         first = login(browser, PASSWORD)
@@ -43,6 +45,7 @@ def test_strangers_failing_never_lock_the_owners_browser_out(start_server, db):
 
 def test_a_trusted_browser_has_its_own_limit_and_no_trust_for_other_accounts(start_server):
     server = start_server(rate_limit_login_email="100/15m", rate_limit_login_device="3/15m")
+    start_of_a_fresh_window(15 * 60)
     with httpx.Client(base_url=server.url) as browser:
         browser.post("/auth/register", json={"email": EMAIL, "password": PASSWORD})
         assert login(browser, PASSWORD).status_code == 200

@@ -142,6 +142,19 @@ def wait_until_healthy(
         time.sleep(0.2)
 
 
+def start_of_a_fresh_window(period_seconds: float, needed_seconds: float = 30.0) -> None:
+    """Sleep past the next rate-limit window boundary when fewer than `needed_seconds` are left before it.
+
+    The rate limits count in fixed windows aligned on the epoch (`ratelimit.py`):
+    a test that makes N attempts and expects the next one refused fails when a
+    boundary falls between them (seen in CI at a quarter past the hour). Call it
+    just before the attempts, with the limit's period.
+    """
+    left = period_seconds - time.time() % period_seconds
+    if left < needed_seconds:
+        time.sleep(left + 0.5)
+
+
 def wait_for(predicate: Callable[[], T], timeout: float = 10.0, what: str = "condition") -> T:
     """Poll `predicate` until it returns something truthy, and return that; fail after `timeout` s."""
     deadline = time.monotonic() + timeout
