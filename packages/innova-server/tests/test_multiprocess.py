@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from innova_server.embedded import free_port
-from innova_server.testing.server import wait_until_healthy
+from innova_server.testing.server import start_of_a_fresh_window, wait_until_healthy
 
 pytest.importorskip("gunicorn", reason="gunicorn comes with innova-server[production]")
 pytest.importorskip("uvicorn_worker", reason="uvicorn-worker comes with innova-server[production]")
@@ -67,6 +67,7 @@ def test_two_workers_share_sessions_rate_limits_and_metrics(tmp_path: Path, mong
         register = httpx.post(f"{url}/auth/register", json=body)
         cookie = {"Cookie": f"innova_session={register.cookies['innova_session']}"}
         assert all(httpx.get(f"{url}/auth/me", headers=cookie).status_code == 200 for _ in range(10))
+        start_of_a_fresh_window(15 * 60)
         failures = [
             httpx.post(f"{url}/auth/login", json={**body, "password": "wrong password"}).status_code for _ in range(5)
         ]
